@@ -1,0 +1,1 @@
+"""deltatune: parameter-efficient fine-tuning for PyTorch / transformers models."""
