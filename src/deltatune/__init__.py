@@ -1,1 +1,40 @@
-"""deltatune: parameter-efficient fine-tuning for PyTorch / transformers models."""
+"""deltatune: parameter-efficient fine-tuning for PyTorch / transformers models.
+
+Ten-line tour::
+
+    import deltatune
+    cfg = deltatune.LoraConfig(r=16, alpha=32, target_modules="all-linear")
+    deltatune.inject(model, cfg)                 # in place; everything else frozen
+    deltatune.print_trainable_parameters(model)
+    ...train...
+    deltatune.save_adapter(model, "out/adapter") # PEFT layout, PEFT loads it
+    deltatune.merge(model); deltatune.unmerge(model)
+    plain = deltatune.unload(model)              # ordinary transformers model
+"""
+
+from .inject import (
+    adapter_per_sample,
+    delete_adapter,
+    disable_adapters,
+    find_targets,
+    lora_layers,
+    merge,
+    parameter_report,
+    print_trainable_parameters,
+    set_active,
+    unload,
+    unmerge,
+)
+from .inject import inject as inject
+from .io import AdapterFileError, AdapterMismatchError, load_adapter, read_adapter_info, save_adapter
+from .methods.lora import LoraLayer
+from .methods.lora_config import LoraConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoraConfig", "LoraLayer", "inject", "save_adapter", "load_adapter", "merge", "unmerge", "unload",
+    "set_active", "lora_layers", "disable_adapters", "delete_adapter", "adapter_per_sample", "find_targets",
+    "parameter_report", "print_trainable_parameters", "AdapterFileError", "AdapterMismatchError",
+    "read_adapter_info", "__version__",
+]
