@@ -114,6 +114,7 @@ def _peft_config(model: nn.Module, cfg: LoraConfig, ranks: dict[str, int], alpha
     import re
 
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    kinds = [layer.kind for p, layer in lora_layers(model) if p in ranks]
     return {
         "peft_type": "LORA",
         "task_type": _task_type(model),
@@ -133,9 +134,9 @@ def _peft_config(model: nn.Module, cfg: LoraConfig, ranks: dict[str, int], alpha
         "layers_pattern": None,
         "rank_pattern": {re.escape(p): r for p, r in ranks.items() if r != cfg.r},
         "alpha_pattern": {re.escape(p): a for p, a in alphas.items() if a != cfg.alpha},
-        "fan_in_fan_out": False,
+        # PEFT's flag for GPT-2 Conv1D weights (stored transposed); it sets it itself with a warning.
+        "fan_in_fan_out": bool(kinds) and all(k == "conv1d" for k in kinds),
         "use_dora": False,
-        "deltatune": {"init": cfg.init, "version": 1},
     }
 
 
@@ -182,7 +183,8 @@ def save_adapter(model: nn.Module, path: str | Path, name: str | None = None) ->
     tensors = adapter_tensors(model, name)
     # Tied/shared storage would make safetensors refuse to save; clone to own storage.
     tensors = {k: v.clone() for k, v in tensors.items()}
-    meta = {"format": "pt", "deltatune_fingerprint": json.dumps(fingerprint(model, sorted(ranks)))}
+    meta = {"format": "pt", "deltatune_fingerprint": json.dumps(fingerprint(model, sorted(ranks))),
+            "deltatune_init": cfg.init}
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / WEIGHTS_NAME, save(tensors, metadata=meta))
@@ -232,6 +234,8 @@ def _read_dir(path: str | Path) -> AdapterFile:
             ) from e
         if "deltatune_fingerprint" in meta:
             fp = json.loads(meta["deltatune_fingerprint"])
+        if "deltatune_init" in meta:
+            config = {**config, "deltatune_init": meta["deltatune_init"]}
     elif (d / "adapter_model.bin").is_file():
         # Older PEFT files: load without unpickling arbitrary objects.
         try:
@@ -263,7 +267,7 @@ def _lora_config_from_peft(cfg: dict[str, Any], targets: list[str], where: Path)
         raise AdapterFileError(f"{where / CONFIG_NAME}: peft_type={peft_type!r}; this loader reads LORA adapters")
     if cfg.get("use_dora"):
         raise AdapterFileError(f"{where / CONFIG_NAME}: use_dora=true (DoRA) is not supported by the LoRA loader")
-    init = (cfg.get("deltatune") or {}).get("init", "kaiming")
+    init = cfg.get("deltatune_init", "kaiming")
     return LoraConfig(
         r=int(cfg.get("r", 8)),
         alpha=float(cfg.get("lora_alpha", 8)),
@@ -311,7 +315,9 @@ def load_adapter(model: nn.Module, path: str | Path, name: str | None = None, *,
 
     cfg = _lora_config_from_peft(f.config, sorted(factors), f.directory)
     modules = dict(model.named_modules())
-    for mpath, parts in factors.items():
+    order = {n: i for i, n in enumerate(modules)}
+    for mpath in sorted(factors, key=lambda p: order.get(p, -1)):
+        parts = factors[mpath]
         module = modules.get(mpath)
         if module is None:
             close = [n for n in modules if n.endswith(mpath.split(".")[-1])][:3]
