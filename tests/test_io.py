@@ -63,7 +63,7 @@ def test_deltatune_file_loads_in_peft_with_same_logits(case, tmp_path: Path) -> 
     torch.testing.assert_close(peft_model(IDS).logits, ours, rtol=1e-5, atol=1e-5)
 
 
-def _peft_config(kw: dict) -> "peft.LoraConfig":
+def _peft_config(kw: dict) -> peft.LoraConfig:
     mapping = dict(r=kw["r"], lora_alpha=kw["alpha"], target_modules=kw["target_modules"],
                    use_rslora=kw.get("use_rslora", False), rank_pattern=kw.get("rank_pattern", {}),
                    alpha_pattern=kw.get("alpha_pattern", {}), modules_to_save=kw.get("modules_to_save"))
