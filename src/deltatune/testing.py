@@ -1,0 +1,69 @@
+"""Test helpers that need no network: a tiny byte-level BPE tokenizer with a ChatML chat template.
+
+The Hub is unreachable in tests and CI, so tests (and the CLI end-to-end test) build this tokenizer
+in memory in a few milliseconds. It behaves like SmolLM2's where it matters for the data pipeline:
+byte-level BPE (any Unicode text round-trips, merges make multi-character tokens so prompt/answer
+boundaries are not trivially per-character), ``<|im_start|>``/``<|im_end|>`` special tokens, and the
+same ChatML template (with a default system turn when none is given). Unlike SmolLM2 it has a
+*distinct* pad token, so a test catches code that confuses padding with end-of-turn.
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedTokenizerFast
+
+__all__ = ["CHATML_TEMPLATE", "TINY_SPECIAL_TOKENS", "build_tiny_tokenizer"]
+
+# SmolLM2-135M-Instruct's template, with a shorter default system prompt.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# ids 0..3, in this order
+TINY_SPECIAL_TOKENS: tuple[str, ...] = ("<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+_CORPUS = """\
+system user assistant You are a helpful assistant.
+Extract the person's details from the text as JSON. {"name": "Maria Lopez", "age": 34, "city": "Lisbon", "job": "nurse"}
+Maria Lopez, a 34-year-old nurse from Lisbon, volunteers at the local library.
+Below is an instruction that describes a task. Write a response that appropriately completes the request.
+What is the capital of France? The capital of France is Paris. Translate to German: good morning.
+The quick brown fox jumps over the lazy dog. 0123456789 () [] {} : ; , . ! ? ' " - _ / \\ + = * & % $ # @
+"""
+
+
+def build_tiny_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained in memory on a few sentences, with a ChatML template.
+
+    pad = ``<|pad|>`` (id 0), eos = ``<|im_end|>`` (as in SmolLM2's chat models), no bos. It can be
+    ``save_pretrained``-ed and loaded back with ``AutoTokenizer.from_pretrained``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(TINY_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte: no unknown tokens
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS.splitlines() * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<|pad|>",
+        eos_token="<|im_end|>",
+        unk_token=None,
+        bos_token=None,
+        additional_special_tokens=["<|im_start|>", "<|endoftext|>"],
+        model_max_length=4096,
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
