@@ -88,6 +88,14 @@ def test_from_dict_errors_name_source_key_and_value(data: dict, fragments: list[
         assert frag in str(exc.value)
 
 
+def test_partial_section_keeps_the_parents_defaults() -> None:
+    cfg = from_dict(TrainConfig, {"lora": {"alpha": 8}, "train": None})
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.target_modules) == (16, 8.0, "all-linear")
+    assert cfg.train == TrainConfig().train
+    with pytest.raises(ConfigError, match="unknown key 'lora.rank'"):
+        from_dict(TrainConfig, {"lora": {"rank": 8}})  # merging must not hide unknown keys
+
+
 def test_post_init_errors_are_wrapped_with_source_and_section() -> None:
     with pytest.raises(ConfigError, match=r"my.yaml: invalid 'lora': LoraConfig.r must be a positive"):
         from_dict(TrainConfig, {"lora": {"r": 0}}, where="my.yaml")

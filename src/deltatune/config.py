@@ -232,13 +232,21 @@ def _build(cls: type[T], data: Mapping[str, Any], prefix: str, where: str, root:
         raise ConfigError(f"{where}: '{prefix or '<root>'}' expects a mapping, got {_describe(data)}")
     hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         if not isinstance(name, str) or name not in names:
             raise ConfigError(
                 f"{where}: unknown key '{_join(prefix, str(name))}'{_closest(str(name), prefix, cls, root)}"
             )
-        kwargs[name] = _coerce(value, hints[name], _join(prefix, name), where)
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp) and isinstance(tp, type) and (value is None or isinstance(value, Mapping)):
+            # A partial section fills in from the *parent's* default for it (TrainConfig's lora has
+            # r=16, not LoraConfig's r=8), so a file means "these keys differ from --help". An empty
+            # section (`lora:` with everything commented out) is that default.
+            base = _field_default(fields[name])
+            value = _deep_merge(to_dict(base), value or {}) if dataclasses.is_dataclass(base) else (value or {})
+        kwargs[name] = _coerce(value, tp, _join(prefix, name), where)
     missing = [
         f.name
         for f in dataclasses.fields(cls)  # type: ignore[arg-type]
@@ -254,6 +262,13 @@ def _build(cls: type[T], data: Mapping[str, Any], prefix: str, where: str, root:
     except (ValueError, TypeError) as e:
         # __post_init__ validation: keep its message, add where it came from.
         raise ConfigError(f"{where}: invalid {repr(prefix) if prefix else 'config'}: {e}") from e
+
+
+def _deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "<dict>") -> T:
@@ -359,7 +374,7 @@ def apply_overrides(cfg: T, overrides: Sequence[str], where: str = "--set") -> T
             tp = _hints(section)[part]
             if depth == len(parts) - 1:
                 if dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
-                    node[part] = {**node[part], **value}  # `lora={r: 4}` updates, not replaces
+                    node[part] = _deep_merge(node[part], value)  # `lora={r: 4}` updates, not replaces
                 else:
                     node[part] = value
             elif dataclasses.is_dataclass(tp) and isinstance(tp, type):
