@@ -113,7 +113,13 @@ def test_apply_overrides() -> None:
     cfg = TrainConfig()
     new = apply_overrides(
         cfg,
-        ["lora.r=8", "train.lr=1e-4", "lora.target_modules=[q_proj,v_proj]", "train.bf16=false", "data.train_file=a.jsonl"],
+        [
+            "lora.r=8",
+            "train.lr=1e-4",
+            "lora.target_modules=[q_proj,v_proj]",
+            "train.bf16=false",
+            "data.train_file=a.jsonl",
+        ],
     )
     assert new.lora.r == 8 and new.lora.alpha == 32.0  # other lora fields keep the TrainConfig defaults
     assert new.train.lr == pytest.approx(1e-4)

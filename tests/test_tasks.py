@@ -81,8 +81,12 @@ def test_too_many_examples_is_an_error() -> None:
 def test_exact_match_rules() -> None:
     ref = '{"name": "Maria Lopez", "age": 34, "city": "Lisbon", "job": "nurse"}'
     assert exact_match(ref, ref)
-    assert exact_match('  {"age":34,"name":"Maria Lopez","job":"nurse","city":"Lisbon"}\n', ref)  # order/spacing
-    assert not exact_match('{"name": "Maria Lopez", "age": "34", "city": "Lisbon", "job": "nurse"}', ref)  # type
+    assert exact_match(
+        '  {"age":34,"name":"Maria Lopez","job":"nurse","city":"Lisbon"}\n', ref
+    )  # order/spacing
+    assert not exact_match(
+        '{"name": "Maria Lopez", "age": "34", "city": "Lisbon", "job": "nurse"}', ref
+    )  # type
     assert not exact_match('{"name": "Maria Lopez", "age": 34.0, "city": "Lisbon", "job": "nurse"}', ref)
     assert not exact_match('{"name": "Maria Lopez", "age": 34, "city": "Lisbon"}', ref)  # missing key
     assert not exact_match("```json\n" + ref + "\n```", ref)  # extra text → does not parse → string compare

@@ -112,7 +112,9 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
             return value
         if isinstance(value, Mapping):
             return _build(tp, value, key, where)
-        raise ConfigError(f"{where}: '{key}' is a section ({tp.__name__}) and expects a mapping, got {_describe(value)}")
+        raise ConfigError(
+            f"{where}: '{key}' is a section ({tp.__name__}) and expects a mapping, got {_describe(value)}"
+        )
     if _is_union(tp):
         members = typing.get_args(tp)
         # Exact matches first, so `list[str] | str` keeps a string a string and `bool | Literal['auto']`
@@ -144,14 +146,17 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(v, args[0], f"{key}[{i}]", where) for i, v in enumerate(value))
         if len(value) != len(args):
-            raise ConfigError(f"{where}: '{key}' expects {len(args)} values ({type_name(tp)}), got {_describe(value)}")
+            raise ConfigError(
+                f"{where}: '{key}' expects {len(args)} values ({type_name(tp)}), got {_describe(value)}"
+            )
         return tuple(_coerce(v, a, f"{key}[{i}]", where) for i, (v, a) in enumerate(zip(value, args)))
     if origin is dict:
         if not isinstance(value, Mapping):
             raise bad()
         k_tp, v_tp = typing.get_args(tp) or (Any, Any)
         return {
-            _coerce(k, k_tp, f"{key}.<key>", where): _coerce(v, v_tp, f"{key}.{k}", where) for k, v in value.items()
+            _coerce(k, k_tp, f"{key}.<key>", where): _coerce(v, v_tp, f"{key}.{k}", where)
+            for k, v in value.items()
         }
     if tp is bool:
         if isinstance(value, bool):
@@ -240,18 +245,26 @@ def _build(cls: type[T], data: Mapping[str, Any], prefix: str, where: str, root:
                 f"{where}: unknown key '{_join(prefix, str(name))}'{_closest(str(name), prefix, cls, root)}"
             )
         tp = hints[name]
-        if dataclasses.is_dataclass(tp) and isinstance(tp, type) and (value is None or isinstance(value, Mapping)):
+        if (
+            dataclasses.is_dataclass(tp)
+            and isinstance(tp, type)
+            and (value is None or isinstance(value, Mapping))
+        ):
             # A partial section fills in from the *parent's* default for it (TrainConfig's lora has
             # r=16, not LoraConfig's r=8), so a file means "these keys differ from --help". An empty
             # section (`lora:` with everything commented out) is that default.
             base = _field_default(fields[name])
-            value = _deep_merge(to_dict(base), value or {}) if dataclasses.is_dataclass(base) else (value or {})
+            value = (
+                _deep_merge(to_dict(base), value or {}) if dataclasses.is_dataclass(base) else (value or {})
+            )
         kwargs[name] = _coerce(value, tp, _join(prefix, name), where)
     missing = [
         f.name
         for f in dataclasses.fields(cls)  # type: ignore[arg-type]
-        if f.init and f.name not in kwargs
-        and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if f.init
+        and f.name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
     ]
     if missing:
         raise ConfigError(f"{where}: missing required key(s): {', '.join(_join(prefix, m) for m in missing)}")
@@ -303,7 +316,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader that rejects duplicate keys (PyYAML silently keeps the last one, which hides typos)."""
 
 
-def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+def _construct_mapping(
+    loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False
+) -> dict[Any, Any]:
     seen: dict[Any, int] = {}
     for key_node, _ in node.value:
         k = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
@@ -380,7 +395,9 @@ def apply_overrides(cfg: T, overrides: Sequence[str], where: str = "--set") -> T
             elif dataclasses.is_dataclass(tp) and isinstance(tp, type):
                 node, section = node[part], tp
             else:
-                raise ConfigError(f"{where}: '{'.'.join(parts[: depth + 1])}' is a {type_name(tp)} value, not a section")
+                raise ConfigError(
+                    f"{where}: '{'.'.join(parts[: depth + 1])}' is a {type_name(tp)} value, not a section"
+                )
     return from_dict(cls, data, where=where)
 
 

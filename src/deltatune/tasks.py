@@ -116,7 +116,9 @@ def make_task(num_train: int = 320, num_eval: int = 40, seed: int = 0) -> tuple[
     people = [f"{f} {last}" for f in _FIRST for last in _LAST]
     total = num_train + num_eval
     if total > len(people):
-        raise ValueError(f"make_task: at most {len(people)} examples in total (unique names), asked for {total}")
+        raise ValueError(
+            f"make_task: at most {len(people)} examples in total (unique names), asked for {total}"
+        )
     rng = random.Random(seed)
     rng.shuffle(people)
     records: list[Record] = []
@@ -174,7 +176,9 @@ def exact_match(prediction: str, reference: str) -> bool:
 def score_exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Fraction of :func:`exact_match` hits, in [0, 1]."""
     if len(predictions) != len(references):
-        raise ValueError(f"score_exact_match: {len(predictions)} predictions for {len(references)} references")
+        raise ValueError(
+            f"score_exact_match: {len(predictions)} predictions for {len(references)} references"
+        )
     if not references:
         raise ValueError("score_exact_match: no references to score")
     return sum(exact_match(p, r) for p, r in zip(predictions, references)) / len(references)

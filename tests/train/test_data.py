@@ -138,10 +138,22 @@ def test_bad_jsonl_record_names_file_and_line(tmp_path: Path, line: str, fragmen
         ({"messages": []}, "'messages' must be a non-empty list"),
         ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
         ({"messages": [{"role": "assistant", "content": "hi"}]}, "no user turn before it"),
-        ({"messages": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]}, "unknown role 'bot'"),
-        ({"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}, "turn 0 needs string 'role' and 'content'"),
-        ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}, "empty assistant message"),
-        ({"conversations": [{"from": "human", "value": "q"}, {"from": "robot", "value": "a"}]}, "unknown 'from' 'robot'"),
+        (
+            {"messages": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]},
+            "unknown role 'bot'",
+        ),
+        (
+            {"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]},
+            "turn 0 needs string 'role' and 'content'",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]},
+            "empty assistant message",
+        ),
+        (
+            {"conversations": [{"from": "human", "value": "q"}, {"from": "robot", "value": "a"}]},
+            "unknown 'from' 'robot'",
+        ),
         ({"text": ""}, "'text' is empty"),
     ],
 )
@@ -211,7 +223,9 @@ def test_template_that_rewrites_history_is_a_clear_error(tok: Any) -> None:
         "{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
     )
     ex = examples_from_records([("c:1", CHAT)]).examples[0]
-    with pytest.raises(DataError, match="c:1: cannot locate assistant turn 2 .*data.completion_only_loss=false"):
+    with pytest.raises(
+        DataError, match="c:1: cannot locate assistant turn 2 .*data.completion_only_loss=false"
+    ):
         tokenize_example(ex, odd, 512)
     assert tokenize_example(ex, odd, 512, completion_only_loss=False)["labels"]  # the suggested fix works
 
@@ -221,13 +235,20 @@ def test_truncation_and_dropping(tok: Any) -> None:
     exs = examples_from_records([("a", ALPACA), ("b", long_prompt)]).examples
     full = tokenize_example(exs[0], tok, 512)
     rows, truncated, dropped = tokenize_examples(exs, tok, max_length=len(full["input_ids"]) - 2)
-    assert (len(rows), truncated, dropped) == (1, 1, 1)  # ALPACA is truncated, the long prompt loses its answer
+    assert (len(rows), truncated, dropped) == (
+        1,
+        1,
+        1,
+    )  # ALPACA is truncated, the long prompt loses its answer
     assert len(rows[0]["input_ids"]) == len(full["input_ids"]) - 2
     assert rows[0]["labels"] == full["labels"][:-2]
 
 
 def test_pack_examples_keeps_tokens_labels_and_order() -> None:
-    rows = [{"input_ids": [i] * n, "labels": [IGNORE_INDEX] * (n - 1) + [i]} for i, n in enumerate([3, 4, 2, 5, 1], 1)]
+    rows = [
+        {"input_ids": [i] * n, "labels": [IGNORE_INDEX] * (n - 1) + [i]}
+        for i, n in enumerate([3, 4, 2, 5, 1], 1)
+    ]
     packed = pack_examples(rows, max_length=7)
     assert [len(r["input_ids"]) for r in packed] == [7, 7, 1]
     assert sum((r["input_ids"] for r in packed), []) == sum((r["input_ids"] for r in rows), [])
@@ -256,9 +277,13 @@ def test_prepare_builtin_task(tok: Any) -> None:
 
 
 def test_prepare_user_files_with_skips_and_packing(tmp_path: Path, tok: Any) -> None:
-    train = _write_jsonl(tmp_path / "t.jsonl", [CHAT, "{oops", SHAREGPT | {"messages": CHAT["messages"]}, CHAT])
+    train = _write_jsonl(
+        tmp_path / "t.jsonl", [CHAT, "{oops", SHAREGPT | {"messages": CHAT["messages"]}, CHAT]
+    )
     ev = _write_jsonl(tmp_path / "e.jsonl", [CHAT])
-    cfg = DataConfig(train_file=str(train), eval_file=str(ev), skip_bad_records=True, max_length=512, packing=True)
+    cfg = DataConfig(
+        train_file=str(train), eval_file=str(ev), skip_bad_records=True, max_length=512, packing=True
+    )
     data = prepare_data(cfg, tok)
     assert data.skipped == 1 and "t.jsonl:2: invalid JSON" in data.skipped_messages[0]
     assert len(data.train) == 1  # three short chats packed into one row
@@ -271,7 +296,9 @@ def test_prepare_user_files_with_skips_and_packing(tmp_path: Path, tok: Any) -> 
 
 
 def test_collate_pads_right() -> None:
-    batch = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_token_id=0)
+    batch = collate(
+        [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_token_id=0
+    )
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
@@ -282,10 +309,15 @@ def test_collate_pads_right() -> None:
 
 
 def test_count_loss_tokens_matches_cross_entropy_normaliser() -> None:
-    batch = collate([{"input_ids": [1, 2, 3, 4], "labels": [-100, -100, 3, 4]}, {"input_ids": [1, 2], "labels": [1, 2]}], 0)
+    batch = collate(
+        [{"input_ids": [1, 2, 3, 4], "labels": [-100, -100, 3, 4]}, {"input_ids": [1, 2], "labels": [1, 2]}],
+        0,
+    )
     logits = torch.randn(2, 4, 10)
     shift_labels = batch["labels"][:, 1:]
-    ce_sum = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 10), shift_labels.reshape(-1), reduction="sum")
+    ce_sum = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, 10), shift_labels.reshape(-1), reduction="sum"
+    )
     ce_mean = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 10), shift_labels.reshape(-1))
     assert torch.allclose(ce_sum / count_loss_tokens(batch), ce_mean)
 

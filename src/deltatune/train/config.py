@@ -55,10 +55,14 @@ class ModelConfig:
         default="auto",
         metadata=_doc("Weight dtype of the frozen base: 'auto' = bf16 on a bf16-capable GPU, else fp32."),
     )
-    device: str = field(default="auto", metadata=_doc("'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'."))
+    device: str = field(
+        default="auto", metadata=_doc("'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'.")
+    )
 
     def __post_init__(self) -> None:
-        _check(bool(self.spec.strip()), "model.spec is empty: use 'default', a model directory or a .gguf file")
+        _check(
+            bool(self.spec.strip()), "model.spec is empty: use 'default', a model directory or a .gguf file"
+        )
         ok = self.device in ("auto", "cpu", "cuda") or (
             self.device.startswith("cuda:") and self.device[5:].isdigit()
         )
@@ -72,7 +76,9 @@ class PartialConfig:
     top_n_layers: int = field(default=2, metadata=_doc("Number of top transformer blocks trained in full."))
     modules: list[str] = field(
         default_factory=list,
-        metadata=_doc("Extra modules trained in full, by exact name or dotted suffix (e.g. ['norm', 'lm_head'])."),
+        metadata=_doc(
+            "Extra modules trained in full, by exact name or dotted suffix (e.g. ['norm', 'lm_head'])."
+        ),
     )
 
     def __post_init__(self) -> None:
@@ -91,7 +97,8 @@ class DataConfig:
         ),
     )
     eval_file: str | None = field(
-        default=None, metadata=_doc("Evaluation data in the same formats (null: none, or the built-in task's).")
+        default=None,
+        metadata=_doc("Evaluation data in the same formats (null: none, or the built-in task's)."),
     )
     format: Literal["auto", "text", "alpaca", "chat", "sharegpt"] = field(
         default="auto",
@@ -101,14 +108,20 @@ class DataConfig:
             "'auto' detects it from the first record's keys."
         ),
     )
-    max_length: int = field(default=1024, metadata=_doc("Tokens per example (or per packed row); longer ones are truncated."))
+    max_length: int = field(
+        default=1024, metadata=_doc("Tokens per example (or per packed row); longer ones are truncated.")
+    )
     packing: bool = field(
         default=False,
-        metadata=_doc("Concatenate examples into rows of max_length tokens (attention crosses example boundaries)."),
+        metadata=_doc(
+            "Concatenate examples into rows of max_length tokens (attention crosses example boundaries)."
+        ),
     )
     completion_only_loss: bool = field(
         default=True,
-        metadata=_doc("Loss on assistant/output tokens only (prompts masked); plain text always trains on all tokens."),
+        metadata=_doc(
+            "Loss on assistant/output tokens only (prompts masked); plain text always trains on all tokens."
+        ),
     )
     skip_bad_records: bool = field(
         default=False, metadata=_doc("Skip and count malformed records instead of stopping at the first one.")
@@ -123,7 +136,9 @@ class DataConfig:
         _check(self.num_eval >= 0, f"data.num_eval must be >= 0, got {self.num_eval}")
         for name in ("train_file", "eval_file"):
             value = getattr(self, name)
-            _check(value is None or bool(value.strip()), f"data.{name} is an empty string: give a path or null")
+            _check(
+                value is None or bool(value.strip()), f"data.{name} is an empty string: give a path or null"
+            )
         _check(
             not (self.train_file is None and self.eval_file is not None),
             "data.eval_file is set but data.train_file is null (the built-in task): set both, or neither",
@@ -139,44 +154,66 @@ class LoopConfig:
     betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=_doc("AdamW (beta1, beta2)."))
     eps: float = field(default=1e-8, metadata=_doc("AdamW epsilon."))
     warmup_ratio: float = field(default=0.0, metadata=_doc("Linear warm-up as a fraction of total steps."))
-    warmup_steps: int = field(default=0, metadata=_doc("Linear warm-up steps; when > 0 it takes precedence over warmup_ratio."))
+    warmup_steps: int = field(
+        default=0, metadata=_doc("Linear warm-up steps; when > 0 it takes precedence over warmup_ratio.")
+    )
     schedule: Literal["cosine", "linear", "constant"] = field(
         default="cosine", metadata=_doc("Learning-rate decay after warm-up (to 0 for cosine/linear).")
     )
-    epochs: int = field(default=1, metadata=_doc("Passes over the training data (ignored when max_steps > 0)."))
+    epochs: int = field(
+        default=1, metadata=_doc("Passes over the training data (ignored when max_steps > 0).")
+    )
     max_steps: int = field(default=-1, metadata=_doc("Optimizer steps to run; -1 = derive from epochs."))
     batch_size: int = field(default=8, metadata=_doc("Examples per micro-batch."))
-    grad_accum: int = field(default=1, metadata=_doc("Micro-batches per optimizer step (loss normalised by tokens across them)."))
+    grad_accum: int = field(
+        default=1, metadata=_doc("Micro-batches per optimizer step (loss normalised by tokens across them).")
+    )
     max_grad_norm: float = field(default=1.0, metadata=_doc("Gradient clipping by global norm; 0 disables."))
     bf16: bool | Literal["auto"] = field(
-        default="auto", metadata=_doc("bf16 autocast: true, false, or 'auto' (on when the device supports bf16).")
+        default="auto",
+        metadata=_doc("bf16 autocast: true, false, or 'auto' (on when the device supports bf16)."),
     )
-    gradient_checkpointing: bool = field(default=False, metadata=_doc("Recompute activations in backward to save memory."))
+    gradient_checkpointing: bool = field(
+        default=False, metadata=_doc("Recompute activations in backward to save memory.")
+    )
     optimizer: Literal["adamw", "adamw8bit"] = field(
         default="adamw", metadata=_doc("'adamw' (torch) or 'adamw8bit' (blockwise 8-bit optimizer states).")
     )
     seed: int = field(default=0, metadata=_doc("Seed for initialisation, dropout and the batch order."))
-    eval_every: int = field(default=0, metadata=_doc("Evaluate every N optimizer steps; 0 = at the end only."))
+    eval_every: int = field(
+        default=0, metadata=_doc("Evaluate every N optimizer steps; 0 = at the end only.")
+    )
     log_every: int = field(default=10, metadata=_doc("Log loss and learning rate every N optimizer steps."))
-    save_every: int = field(default=0, metadata=_doc("Save a resumable checkpoint every N optimizer steps; 0 = at the end only."))
+    save_every: int = field(
+        default=0, metadata=_doc("Save a resumable checkpoint every N optimizer steps; 0 = at the end only.")
+    )
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
         _check(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
         _check(
-            all(0.0 <= b < 1.0 for b in self.betas), f"train.betas must both be in [0, 1), got {list(self.betas)}"
+            all(0.0 <= b < 1.0 for b in self.betas),
+            f"train.betas must both be in [0, 1), got {list(self.betas)}",
         )
         _check(self.eps > 0, f"train.eps must be > 0, got {self.eps}")
-        _check(0.0 <= self.warmup_ratio < 1.0, f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        _check(
+            0.0 <= self.warmup_ratio < 1.0, f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}"
+        )
         _check(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
-        _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs} (use max_steps for partial epochs)")
+        _check(
+            self.epochs >= 1,
+            f"train.epochs must be >= 1, got {self.epochs} (use max_steps for partial epochs)",
+        )
         _check(
             self.max_steps == -1 or self.max_steps > 0,
             f"train.max_steps must be -1 (use epochs) or > 0, got {self.max_steps}",
         )
         _check(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
         _check(self.grad_accum >= 1, f"train.grad_accum must be >= 1, got {self.grad_accum}")
-        _check(self.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
+        _check(
+            self.max_grad_norm >= 0,
+            f"train.max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}",
+        )
         for name in ("eval_every", "log_every", "save_every"):
             _check(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
 
@@ -189,7 +226,9 @@ class EvalConfig:
     batch_size: int = field(default=16, metadata=_doc("Prompts per generation batch."))
     exact_match: bool = field(
         default=True,
-        metadata=_doc("Report exact match of the generated answer against the reference (JSON-aware, see deltatune.tasks)."),
+        metadata=_doc(
+            "Report exact match of the generated answer against the reference (JSON-aware, see deltatune.tasks)."
+        ),
     )
 
     def __post_init__(self) -> None:
@@ -209,10 +248,15 @@ class TrainConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig, metadata=_doc("The base model."))
     method: str = field(
-        default="lora", metadata=_doc(f"Fine-tuning method: one of {', '.join(repr(m) for m in TRAIN_METHODS)}.")
+        default="lora",
+        metadata=_doc(f"Fine-tuning method: one of {', '.join(repr(m) for m in TRAIN_METHODS)}."),
     )
-    lora: LoraConfig = field(default_factory=_default_lora, metadata=_doc("LoRA settings (methods 'lora', 'qlora')."))
-    partial: PartialConfig = field(default_factory=PartialConfig, metadata=_doc("Settings for method 'partial'."))
+    lora: LoraConfig = field(
+        default_factory=_default_lora, metadata=_doc("LoRA settings (methods 'lora', 'qlora').")
+    )
+    partial: PartialConfig = field(
+        default_factory=PartialConfig, metadata=_doc("Settings for method 'partial'.")
+    )
     data: DataConfig = field(default_factory=DataConfig, metadata=_doc("Training and evaluation data."))
     train: LoopConfig = field(default_factory=LoopConfig, metadata=_doc("Optimizer, schedule and loop."))
     eval: EvalConfig = field(default_factory=EvalConfig, metadata=_doc("Generation-based evaluation."))
@@ -224,7 +268,8 @@ class TrainConfig:
         ),
     )
     resume: bool = field(
-        default=False, metadata=_doc("Continue from the latest checkpoint in output_dir (same config, same batch order).")
+        default=False,
+        metadata=_doc("Continue from the latest checkpoint in output_dir (same config, same batch order)."),
     )
 
     def __post_init__(self) -> None:

@@ -113,7 +113,9 @@ class LoadedExamples:
 # Reading files → (source, raw record)
 
 
-def read_records(path: str | Path, *, skip_bad_records: bool = False) -> tuple[list[tuple[str, Any]], list[str]]:
+def read_records(
+    path: str | Path, *, skip_bad_records: bool = False
+) -> tuple[list[tuple[str, Any]], list[str]]:
     """Raw records with their locations, plus the messages of skipped unreadable records.
 
     Only per-record problems (a bad JSONL line, a ragged CSV row) are skippable; a JSON file
@@ -144,7 +146,11 @@ def _read_jsonl(p: Path, skip: bool) -> tuple[list[tuple[str, Any]], list[str]]:
                 continue  # blank lines (often a trailing one) are not records
             out.append((where, json.loads(line)))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            reason = "not valid UTF-8" if isinstance(e, UnicodeDecodeError) else f"invalid JSON: {e.msg} (column {e.colno})"
+            reason = (
+                "not valid UTF-8"
+                if isinstance(e, UnicodeDecodeError)
+                else f"invalid JSON: {e.msg} (column {e.colno})"
+            )
             if not skip:
                 raise DataError(f"{where}: {reason}") from None
             bad.append(f"{where}: {reason}")
@@ -161,7 +167,7 @@ def _read_json(p: Path) -> list[tuple[str, Any]]:
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
-        raise DataError(f"{p}: a .json data file must hold a list of records or {{\"data\": [...]}}")
+        raise DataError(f'{p}: a .json data file must hold a list of records or {{"data": [...]}}')
     return [(f"{p} (record {i})", rec) for i, rec in enumerate(data)]
 
 
@@ -209,7 +215,12 @@ def detect_format(record: Any, source: str = "<record>") -> str:
     instruction → alpaca, text → text."""
     if not isinstance(record, Mapping):
         raise DataError(f"{source}: expected a JSON object (a mapping of keys), got {type(record).__name__}")
-    for key, fmt in (("messages", "chat"), ("conversations", "sharegpt"), ("instruction", "alpaca"), ("text", "text")):
+    for key, fmt in (
+        ("messages", "chat"),
+        ("conversations", "sharegpt"),
+        ("instruction", "alpaca"),
+        ("text", "text"),
+    ):
         if key in record:
             return fmt
     raise DataError(
@@ -241,7 +252,9 @@ def _list_field(rec: Mapping[str, Any], key: str, source: str) -> list[Any]:
         except json.JSONDecodeError as e:
             raise DataError(f"{source}: '{key}' is a string that is not valid JSON: {e.msg}") from None
     if not isinstance(value, list) or not value:
-        raise DataError(f"{source}: '{key}' must be a non-empty list of turns, got {type(value).__name__} {value!r:.60}")
+        raise DataError(
+            f"{source}: '{key}' must be a non-empty list of turns, got {type(value).__name__} {value!r:.60}"
+        )
     return value
 
 
@@ -272,12 +285,16 @@ def _normalize(rec: Any, fmt: str, source: str) -> Example:
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
         return Example(source, messages=messages)
     if fmt in ("chat", "sharegpt"):
-        key, role_key, text_key = ("messages", "role", "content") if fmt == "chat" else ("conversations", "from", "value")
+        key, role_key, text_key = (
+            ("messages", "role", "content") if fmt == "chat" else ("conversations", "from", "value")
+        )
         messages = []
         for i, turn in enumerate(_list_field(rec, key, source)):
             where = f"{source}: '{key}' turn {i}"
             if not isinstance(turn, Mapping):
-                raise DataError(f"{where} must be an object with '{role_key}' and '{text_key}', got {type(turn).__name__}")
+                raise DataError(
+                    f"{where} must be an object with '{role_key}' and '{text_key}', got {type(turn).__name__}"
+                )
             role, content = turn.get(role_key), turn.get(text_key)
             if not isinstance(role, str) or not isinstance(content, str):
                 raise DataError(f"{where} needs string '{role_key}' and '{text_key}', got {dict(turn)!r:.80}")
@@ -300,7 +317,9 @@ def examples_from_records(
     if fmt == "auto":
         first = next(((s, r) for s, r in records if isinstance(r, Mapping)), None)
         if first is None:
-            raise DataError(f"{records[0][0] if records else '<data>'}: no records to detect the data format from")
+            raise DataError(
+                f"{records[0][0] if records else '<data>'}: no records to detect the data format from"
+            )
         fmt = detect_format(first[1], first[0])
     out = LoadedExamples([], fmt)
     for source, rec in records:
@@ -343,7 +362,9 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: list[Message], gen_pro
     return text
 
 
-def _assistant_char_spans(tokenizer: PreTrainedTokenizerBase, ex: Example, full: str) -> list[tuple[int, int]]:
+def _assistant_char_spans(
+    tokenizer: PreTrainedTokenizerBase, ex: Example, full: str
+) -> list[tuple[int, int]]:
     assert ex.messages is not None
     spans = []
     for i, m in enumerate(ex.messages):
@@ -361,7 +382,9 @@ def _assistant_char_spans(tokenizer: PreTrainedTokenizerBase, ex: Example, full:
     return spans
 
 
-def _token_mask(tokenizer: PreTrainedTokenizerBase, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
+def _token_mask(
+    tokenizer: PreTrainedTokenizerBase, text: str, spans: list[tuple[int, int]]
+) -> tuple[list[int], list[bool]]:
     """Token ids of ``text`` and, per token, whether its first character lies in a span."""
     try:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -373,7 +396,9 @@ def _token_mask(tokenizer: PreTrainedTokenizerBase, text: str, spans: list[tuple
         for s, e in spans:
             lo, hi = (len(tokenizer(text[:c], add_special_tokens=False)["input_ids"]) for c in (s, e))
             if ids[:hi] != list(tokenizer(text[:e], add_special_tokens=False)["input_ids"]):
-                raise DataError("the tokenizer merges across the prompt/answer boundary; set data.completion_only_loss=false") from None
+                raise DataError(
+                    "the tokenizer merges across the prompt/answer boundary; set data.completion_only_loss=false"
+                ) from None
             mask[lo:hi] = [True] * (hi - lo)
         return ids, mask
 
@@ -410,7 +435,10 @@ def tokenize_example(
 
 
 def tokenize_examples(
-    examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, max_length: int, completion_only_loss: bool = True
+    examples: Sequence[Example],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    completion_only_loss: bool = True,
 ) -> tuple[list[Tokenized], int, int]:
     """Tokenise all; returns ``(rows, truncated, dropped)``: ``truncated`` counts kept rows that were
     cut to max_length; ``dropped`` counts examples left with no loss token (a prompt longer than
@@ -442,12 +470,14 @@ def pack_examples(rows: Sequence[Tokenized], max_length: int) -> list[Tokenized]
     labels: list[int] = []
     for row in rows:
         if len(row["input_ids"]) > max_length:
-            raise ValueError(f"pack_examples: a row of {len(row['input_ids'])} tokens exceeds max_length={max_length}")
+            raise ValueError(
+                f"pack_examples: a row of {len(row['input_ids'])} tokens exceeds max_length={max_length}"
+            )
         if ids and len(ids) + len(row["input_ids"]) > max_length:
             packed.append({"input_ids": ids, "labels": labels})
             ids, labels = [], []
-        ids = ids + list(row["input_ids"])
-        labels = labels + list(row["labels"])
+        ids.extend(row["input_ids"])
+        labels.extend(row["labels"])
     if ids:
         packed.append({"input_ids": ids, "labels": labels})
     return packed
@@ -481,28 +511,38 @@ class PreparedData:
     dropped: int = 0
 
 
+def _builtin(records: list[dict[str, Any]], split: str) -> LoadedExamples:
+    return examples_from_records(
+        [(f"<built-in task> ({split} {i})", r) for i, r in enumerate(records)], "chat"
+    )
+
+
 def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
     """Load (or generate, for the built-in task), tokenise, optionally pack the training rows.
     Eval rows are never packed, so per-example eval loss stays clean."""
+    evals: LoadedExamples | None = None
     if cfg.train_file is None:
         train_recs, eval_recs = make_task(cfg.num_train, cfg.num_eval, cfg.seed)
-        train = examples_from_records([(f"<built-in task> (train {i})", r) for i, r in enumerate(train_recs)], "chat")
-        evals: LoadedExamples | None = examples_from_records(
-            [(f"<built-in task> (eval {i})", r) for i, r in enumerate(eval_recs)], "chat"
-        ) if eval_recs else None
+        train = _builtin(train_recs, "train")
+        evals = _builtin(eval_recs, "eval") if eval_recs else None
     else:
         train = load_examples(cfg.train_file, cfg.format, skip_bad_records=cfg.skip_bad_records)
-        evals = None
         if cfg.eval_file is not None:
-            evals = load_examples(cfg.eval_file, cfg.format if cfg.format != "auto" else train.format,
-                                  skip_bad_records=cfg.skip_bad_records)  # fmt: skip
-    train_rows, truncated, dropped = tokenize_examples(train.examples, tokenizer, cfg.max_length, cfg.completion_only_loss)
+            eval_fmt = cfg.format if cfg.format != "auto" else train.format  # one dataset, one shape
+            evals = load_examples(cfg.eval_file, eval_fmt, skip_bad_records=cfg.skip_bad_records)
+    train_rows, truncated, dropped = tokenize_examples(
+        train.examples, tokenizer, cfg.max_length, cfg.completion_only_loss
+    )
     if not train_rows:
-        raise DataError(f"{cfg.train_file}: no training example has a loss token left within data.max_length={cfg.max_length}")
+        raise DataError(
+            f"{cfg.train_file}: no training example has a loss token left within data.max_length={cfg.max_length}"
+        )
     eval_rows: list[Tokenized] = []
     pairs = []
     if evals is not None:
-        eval_rows, t2, d2 = tokenize_examples(evals.examples, tokenizer, cfg.max_length, cfg.completion_only_loss)
+        eval_rows, t2, d2 = tokenize_examples(
+            evals.examples, tokenizer, cfg.max_length, cfg.completion_only_loss
+        )
         truncated, dropped = truncated + t2, dropped + d2
         pairs = [p for p in map(prompt_and_reference, evals.examples) if p is not None]
     skipped_messages = train.skipped_messages + (evals.skipped_messages if evals else [])
@@ -523,11 +563,15 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Prepare
 # Batching
 
 
-def collate(batch: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int | None) -> dict[str, torch.Tensor]:
+def collate(
+    batch: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int | None
+) -> dict[str, torch.Tensor]:
     """Right-pad to the longest row: ``input_ids`` with ``pad_token_id``, ``labels`` with -100,
     ``attention_mask`` 1 on real tokens. All (B, T) int64."""
     if pad_token_id is None:
-        raise ValueError("collate: the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token)")
+        raise ValueError(
+            "collate: the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token)"
+        )
     if not batch:
         raise ValueError("collate: empty batch")
     width = max(len(r["input_ids"]) for r in batch)
@@ -560,7 +604,9 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, *, drop_last: bool = False) -> list[list[int]]:
+def epoch_batches(
+    n: int, batch_size: int, seed: int, epoch: int, *, drop_last: bool = False
+) -> list[list[int]]:
     """:func:`epoch_order` cut into batches of ``batch_size`` indices (the last may be short)."""
     if batch_size < 1:
         raise ValueError(f"epoch_batches: batch_size must be >= 1, got {batch_size}")
