@@ -1,0 +1,234 @@
+"""Evaluation: batched greedy generation, perplexity, and next-token KL for the forgetting report.
+
+Generation is a plain greedy loop over the model's KV cache rather than ``model.generate``: it is
+short, has no sampling/config surprises, and lets us control padding exactly. Prompts are sorted by
+length so that a batch holds prompts of similar length (less left padding to compute), and the
+output order is restored at the end.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+Messages = list[dict[str, str]]
+
+# End-of-turn markers used by chat templates besides the tokenizer's eos (ChatML, Llama 3, Gemma).
+_EXTRA_STOP_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>")
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Messages | str) -> list[int]:
+    """Token ids of one prompt. Message lists go through the chat template with the assistant
+    header appended; plain strings are tokenized as they are (with the tokenizer's specials)."""
+    if isinstance(prompt, str):
+        return list(tokenizer(prompt)["input_ids"])
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    assert isinstance(text, str)
+    # The template already wrote any bos/system tokens; adding specials again would double them.
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: nn.Module | None = None) -> set[int]:
+    """Ids that end a reply: the tokenizer's eos, the model's generation-config eos (int or list),
+    and known end-of-turn tokens present in the vocabulary."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_cfg = getattr(model, "generation_config", None)
+    eos = getattr(gen_cfg, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif isinstance(eos, list | tuple):
+        ids.update(int(e) for e in eos)
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in _EXTRA_STOP_TOKENS if t in vocab)
+    return ids
+
+
+def _left_pad(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) input ids padded on the left with ``pad_id`` and the matching 0/1 attention mask."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        if s:
+            ids[row, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[row, width - len(s) :] = 1
+    return ids, mask
+
+
+@torch.inference_mode()
+def greedy_generate_ids(
+    model: nn.Module,
+    prompts: Sequence[list[int]],
+    *,
+    max_new_tokens: int,
+    stop_ids: set[int],
+    pad_id: int,
+) -> list[list[int]]:
+    """Greedy continuation of one batch of token-id prompts; each result stops before its first stop id.
+
+    Left padding puts every prompt's last token in the last column, so one (B, 1) step feeds all
+    rows. Position ids count real tokens only (cumsum of the mask), so a padded row sees the same
+    positions as it would alone; without them RoPE/learned positions would shift by the pad length.
+    """
+    device = _model_device(model)
+    input_ids, mask = _left_pad(prompts, pad_id)
+    input_ids, mask = input_ids.to(device), mask.to(device)  # (B, T)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    batch = input_ids.shape[0]
+    out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    past: Any = None
+    step_ids, step_pos = input_ids, positions
+    n_steps = 0
+    for step in range(max_new_tokens):
+        res = model(
+            input_ids=step_ids,
+            attention_mask=mask,
+            position_ids=step_pos,
+            past_key_values=past,
+            use_cache=True,
+        )
+        past = res.past_key_values
+        next_tok = res.logits[:, -1, :].argmax(-1)  # (B,)
+        next_tok = torch.where(done, torch.full_like(next_tok, pad_id), next_tok)
+        out[:, step] = next_tok
+        n_steps = step + 1
+        done |= torch.isin(next_tok, stop)
+        if bool(done.all()):
+            break
+        step_ids = next_tok[:, None]  # (B, 1)
+        step_pos = step_pos[:, -1:] + 1  # (B, 1)
+        mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], dim=1)
+    results: list[list[int]] = []
+    for row in out[:, :n_steps].tolist():
+        cut = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
+        results.append(row[:cut])
+    return results
+
+
+def generate_texts(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Messages] | Sequence[str],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> list[str]:
+    """Greedy replies to ``prompts`` (chat message lists or plain strings), in the input order.
+
+    The model is put in eval mode for the call (dropout off) and restored afterwards. Replies stop
+    at eos / end-of-turn tokens and are decoded without special tokens.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError("tokenizer has neither a pad nor an eos token (see deltatune.models.fix_tokenizer)")
+    stops = stop_token_ids(tokenizer, model)
+    # Longest first: the slowest batch runs while the progress bar's estimate is still honest, and
+    # neighbours in length share a batch, so little compute goes to padding.
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    replies: list[str] = [""] * len(encoded)
+    was_training = model.training
+    model.eval()
+    try:
+        with tqdm(total=len(encoded), desc="generate", unit="prompt", disable=not progress) as bar:
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                new_ids = greedy_generate_ids(
+                    model,
+                    [encoded[i] for i in idx],
+                    max_new_tokens=max_new_tokens,
+                    stop_ids=stops,
+                    pad_id=int(pad_id),
+                )
+                for i, ids in zip(idx, new_ids):
+                    replies[i] = str(tokenizer.decode(ids, skip_special_tokens=True)).strip()
+                bar.update(len(idx))
+    finally:
+        model.train(was_training)
+    return replies
+
+
+@torch.inference_mode()
+def perplexity(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, float]:
+    """Token-weighted mean next-token loss and its exp over ``batches``.
+
+    Each batch holds ``input_ids`` and ``labels`` (B, T) and optionally ``attention_mask``; labels
+    follow the transformers convention (aligned with input_ids, shifted here, -100 = ignore).
+    Weighting by token count, not by batch, makes the result independent of how data is batched.
+    Returns {"loss", "ppl", "tokens"}.
+    """
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for batch in batches:
+            input_ids = batch["input_ids"].to(device)
+            mask = batch.get("attention_mask")
+            labels = batch["labels"].to(device)[:, 1:]  # (B, T-1): token t+1 is predicted at t
+            logits = model(
+                input_ids=input_ids, attention_mask=None if mask is None else mask.to(device)
+            ).logits
+            logits = logits[:, :-1, :].float()  # (B, T-1, V), fp32 so bf16 models sum losses exactly
+            total += F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+            ).item()
+            count += int((labels != -100).sum())
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("perplexity: no labelled tokens (all labels are -100)")
+    loss = total / count
+    return {"loss": loss, "ppl": math.exp(loss), "tokens": float(count)}
+
+
+def next_token_kl(
+    logits_base: torch.Tensor, logits_adapted: torch.Tensor, mask: torch.Tensor | None = None
+) -> float:
+    """Mean over unmasked positions of KL(p_base ‖ p_adapted) = Σ_v p_b(v)·(log p_b(v) − log p_a(v)).
+
+    logits_*: (..., V), e.g. (B, T, V); mask: (...) with nonzero/True at positions to count (None:
+    all). This is the forgetting measure of MISSION §1: for an adapter, base logits come from the
+    same model with the adapter disabled.
+    """
+    if logits_base.shape != logits_adapted.shape:
+        raise ValueError(f"logit shapes differ: {tuple(logits_base.shape)} vs {tuple(logits_adapted.shape)}")
+    log_p = F.log_softmax(logits_base.float(), dim=-1)  # (..., V)
+    log_q = F.log_softmax(logits_adapted.float(), dim=-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (...)
+    if mask is None:
+        return float(kl.mean())
+    m = mask.to(kl.device).bool()
+    if m.shape != kl.shape:
+        raise ValueError(f"mask shape {tuple(m.shape)} does not match positions {tuple(kl.shape)}")
+    if not bool(m.any()):
+        raise ValueError("next_token_kl: mask selects no positions")
+    return float(kl[m].mean())
+
+
+__all__ = [
+    "encode_prompt",
+    "generate_texts",
+    "greedy_generate_ids",
+    "next_token_kl",
+    "perplexity",
+    "stop_token_ids",
+]
