@@ -1,0 +1,241 @@
+"""``deltatune`` command line: thin — parse, call the library, print.
+
+  deltatune train [CONFIG.yaml] [--set key=value ...] [--resume]
+  deltatune generate [--model SPEC] [--adapter DIR] (--prompt TEXT | --messages FILE.json) [sampling]
+  deltatune merge --adapter DIR [--model SPEC] --out DIR
+  deltatune eval  --data FILE [--model SPEC] [--adapter DIR]
+  deltatune info  DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "build_parser"]
+
+
+def _train_help() -> str:
+    from .config import help_text
+    from .registry import METHODS
+    from .train.config import TrainConfig
+
+    methods = "\n".join(f"  {m.name:<8} {m.summary}" for m in METHODS.values())
+    return (
+        "Fine-tune a model. With no CONFIG it runs the built-in demo: SmolLM2-135M-Instruct learns to\n"
+        "extract fields from sentences as JSON (exact match before/after is printed and saved).\n\n"
+        f"Methods (--set method=NAME):\n{methods}\n\nConfiguration keys (YAML sections or --set section.key=value):\n"
+        + help_text(TrainConfig)
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deltatune", description="Parameter-efficient fine-tuning (LoRA, QLoRA, …).")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="fine-tune a model (the built-in demo when no config is given)",
+                       description=_train_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("config", nargs="?", help="YAML config file (see configs/)")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set lora.r=8 (repeatable)")
+    t.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    g = sub.add_parser("generate", help="generate text with a model and optional adapter")
+    g.add_argument("--model", default="default", help="'default', an HF model directory or a .gguf file")
+    g.add_argument("--adapter", help="adapter directory (PEFT format)")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="user message (the chat template is applied)")
+    src.add_argument("--messages", help="JSON file with a list of {role, content} messages")
+    g.add_argument("--raw", action="store_true", help="treat --prompt as raw text, no chat template")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0)
+
+    m = sub.add_parser("merge", help="merge an adapter into its base and write a plain HF model directory")
+    m.add_argument("--model", default="default")
+    m.add_argument("--adapter", required=True)
+    m.add_argument("--out", required=True)
+    m.add_argument("--dtype", default="auto", help="weights dtype of the merged model (auto/bf16/fp32)")
+
+    e = sub.add_parser("eval", help="loss/perplexity and exact match on a data file")
+    e.add_argument("--data", required=True, help="JSONL/JSON/CSV/Parquet in text/alpaca/chat/sharegpt shape")
+    e.add_argument("--model", default="default")
+    e.add_argument("--adapter")
+    e.add_argument("--format", default="auto")
+    e.add_argument("--max-length", type=int, default=1024)
+    e.add_argument("--max-new-tokens", type=int, default=128)
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--no-generate", action="store_true", help="loss/perplexity only")
+
+    i = sub.add_parser("info", help="what an adapter directory holds")
+    i.add_argument("path")
+    return p
+
+
+def _load(model_spec: str, adapter: str | None, dtype: str = "auto") -> tuple[Any, Any]:
+    from . import load_adapter
+    from .models import load_model
+
+    model, tok = load_model(model_spec, dtype=dtype)
+    if adapter:
+        load_adapter(model, adapter)
+    return model, tok
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .train.config import TrainConfig
+    from .train.loop import run
+
+    overrides = list(args.overrides) + (["resume=true"] if args.resume else [])
+    cfg = load_config(TrainConfig, args.config, overrides)
+    result = run(cfg, progress=not args.no_progress)
+    if result.interrupted:
+        print(f"interrupted; resume with: deltatune train {args.config or ''} --resume "
+              f"--set output_dir={result.output_dir}".replace("  ", " "))
+        return 130
+    s = result.summary
+    b, a = s["before"], s["after"]
+    print(f"\nrun directory: {result.output_dir}")
+    if "exact_match" in a:
+        print(f"exact match on {s['data']['eval_rows']} held-out examples: "
+              f"{100 * b.get('exact_match', 0):.1f}% before → {100 * a['exact_match']:.1f}% after")
+    if "eval_loss" in a:
+        print(f"held-out loss: {b.get('eval_loss', float('nan')):.4f} → {a['eval_loss']:.4f}")
+    print(f"trainable params: {s['trainable_params']:,d} of {s['all_params']:,d} ({s['trainable_percent']:.3f}%)  "
+          f"train {s['train_seconds']:.0f} s at {s['tokens_per_s']:.0f} tok/s; total {s['wall_seconds']:.0f} s; "
+          f"peak memory {s['peak_memory_mb']:.0f} MiB")
+    for ex in a.get("examples", [])[:2]:
+        print(f"  reference:  {ex['reference']}\n  prediction: {ex['prediction']}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    model, tok = _load(args.model, args.adapter)
+    if args.adapter:
+        from . import merge
+
+        merge(model)  # merged decoding costs what the base costs
+    if args.messages:
+        messages = json.loads(Path(args.messages).read_text())
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    elif args.raw:
+        text = args.prompt
+    else:
+        text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+    ids = tok(text, return_tensors="pt", add_special_tokens=False).to(next(model.parameters()).device)
+    torch.manual_seed(args.seed)
+    sample = args.temperature > 0
+    kw: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "do_sample": sample,
+                          "pad_token_id": tok.pad_token_id}
+    if sample:
+        kw.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or None)
+    with torch.inference_mode():
+        out = model.generate(**ids, **kw)
+    print(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from . import unload
+
+    model, tok = _load(args.model, args.adapter, args.dtype)
+    plain = unload(model)
+    out = Path(args.out)
+    plain.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    print(f"merged model written to {out} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .tasks import score_exact_match
+    from .train.data import load_examples, prompt_and_reference, tokenize_examples
+    from .train.evaluate import generate_texts
+    from .train.loop import evaluate_loss
+
+    model, tok = _load(args.model, args.adapter)
+    if args.adapter:
+        from . import merge
+
+        merge(model)
+    loaded = load_examples(args.data, args.format)
+    rows, _, _ = tokenize_examples(loaded.examples, tok, args.max_length, True)
+    device = next(model.parameters()).device
+    res: dict[str, Any] = {"examples": len(loaded.examples)}
+    res.update(evaluate_loss(model, rows, int(tok.pad_token_id), args.batch_size, device, bf16=False))
+    pairs = [p for p in map(prompt_and_reference, loaded.examples) if p is not None]
+    if pairs and not args.no_generate:
+        preds = generate_texts(model, tok, [p for p, _ in pairs], max_new_tokens=args.max_new_tokens,
+                               batch_size=args.batch_size)
+        res["exact_match"] = score_exact_match(preds, [r for _, r in pairs])
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .io import read_adapter_info
+
+    f = read_adapter_info(args.path)
+    cfg = f.config
+    modules: dict[str, dict[str, Any]] = {}
+    total = 0
+    for key, t in f.tensors.items():
+        total += t.numel()
+        body = key.removeprefix("base_model.model.")
+        for tag in (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B"):
+            if body.endswith(tag):
+                info = modules.setdefault(body[: -len(tag)], {"params": 0})
+                info["params"] += t.numel()
+                if "A" in tag:
+                    info["rank"] = t.shape[0]
+    print(f"adapter: {f.directory}")
+    print(f"method: {cfg.get('peft_type', '?')}  r={cfg.get('r')}  alpha={cfg.get('lora_alpha')}  "
+          f"rslora={cfg.get('use_rslora', False)}  dropout={cfg.get('lora_dropout', 0)}  bias={cfg.get('bias')}")
+    print(f"base: {cfg.get('base_model_name_or_path')}")
+    if f.fingerprint:
+        print(f"base fingerprint: {f.fingerprint.get('architecture')} ({f.fingerprint.get('model_type')}), "
+              f"{len(f.fingerprint.get('modules', {}))} adapted modules with shapes and checksums")
+    print(f"tensors: {len(f.tensors)}, parameters: {total:,d}, modules_to_save: {cfg.get('modules_to_save')}")
+    ranks: dict[int, int] = {}
+    for info in modules.values():
+        ranks[info.get("rank", 0)] = ranks.get(info.get("rank", 0), 0) + 1
+    print(f"adapted modules: {len(modules)}; ranks: {dict(sorted(ranks.items()))}")
+    for name, info in list(modules.items())[:8]:
+        print(f"  {name}: r={info.get('rank')} params={info['params']:,d}")
+    if len(modules) > 8:
+        print(f"  … {len(modules) - 8} more")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "merge": cmd_merge, "eval": cmd_eval, "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("transformers", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        if args.verbose:
+            raise
+        print(f"deltatune {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

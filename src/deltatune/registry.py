@@ -1,0 +1,127 @@
+"""The one explicit registry of training methods: name → (what it trains, how it is applied).
+
+``deltatune train --set method=NAME``, ``--help`` and the README's method table read this dict; a
+test checks that they agree. Each ``apply`` takes the loaded model and the whole ``TrainConfig``
+(passed as the config object, never exploded), changes the model in place so that exactly the
+parameters the method trains have ``requires_grad=True``, and returns the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["Method", "METHODS", "method_names", "get_method", "block_list", "untie_output_head"]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str  # one line for --help and the README table: Δf(x) and what trains
+    apply: Callable[[nn.Module, Any], nn.Module]
+    saves: str  # "adapter" (PEFT-format adapter dir) or "model" (full HF checkpoint)
+
+
+def _apply_lora(model: nn.Module, cfg: Any) -> nn.Module:
+    from .inject import inject
+
+    return inject(model, cfg.lora)
+
+
+def _apply_qlora(model: nn.Module, cfg: Any) -> nn.Module:
+    from .inject import inject
+    from .quant.linear4bit import quantize_model
+
+    # The frozen base goes to NF4 (double-quantized); embeddings and the output head stay 16-bit.
+    quantize_model(model)
+    return inject(model, cfg.lora)
+
+
+def _apply_full(model: nn.Module, cfg: Any) -> nn.Module:
+    model.requires_grad_(True)
+    return model
+
+
+def untie_output_head(model: nn.Module) -> nn.Module | None:
+    """Give the output head its own weight when it shares the input embedding's (SmolLM2, GPT-2),
+    so training the head leaves the embeddings — and thus the features — untouched."""
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    emb = get_in() if callable(get_in) else None
+    if head is None:
+        return None
+    if emb is not None and head.weight is emb.weight:
+        head.weight = nn.Parameter(head.weight.detach().clone())
+        if hasattr(model, "config"):
+            model.config.tie_word_embeddings = False
+    return head
+
+
+def _apply_head(model: nn.Module, cfg: Any) -> nn.Module:
+    model.requires_grad_(False)
+    head = untie_output_head(model)
+    if head is None:
+        raise ValueError(f"method 'head': {type(model).__name__} has no output head (get_output_embeddings())")
+    head.requires_grad_(True)
+    return model
+
+
+def block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The transformer blocks: the longest ModuleList in the model (layers / h / layer / blocks)."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and (best is None or len(module) > len(best[1])):
+            best = (name, module)
+    if best is None:
+        raise ValueError(f"{type(model).__name__} has no list of blocks (nn.ModuleList) for method 'partial'")
+    return best
+
+
+def _apply_partial(model: nn.Module, cfg: Any) -> nn.Module:
+    model.requires_grad_(False)
+    pcfg = cfg.partial
+    _, blocks = block_list(model)
+    n = min(pcfg.top_n_layers, len(blocks))
+    for block in list(blocks)[len(blocks) - n:]:
+        block.requires_grad_(True)
+    for name in pcfg.modules:
+        hits = [m for path, m in model.named_modules() if path == name or path.endswith("." + name)]
+        if not hits:
+            names = sorted({p.split(".")[-1] for p, _ in model.named_modules() if p})
+            raise ValueError(f"partial.modules: {name!r} matches no module; names include {names[:30]}")
+        if name.endswith(("lm_head", "embed_tokens", "wte")):
+            untie_output_head(model)
+        for m in hits:
+            m.requires_grad_(True)
+    return model
+
+
+METHODS: dict[str, Method] = {
+    "lora": Method("lora", "LoRA: (α/r)·B(A·x) on the target linears; trains r(d+k) per layer", _apply_lora, "adapter"),
+    "qlora": Method("qlora", "QLoRA: LoRA over an NF4 (double-quantized) frozen base", _apply_qlora, "adapter"),
+    "full": Method("full", "full fine-tuning: every parameter", _apply_full, "model"),
+    "head": Method("head", "feature extraction: only the output head (untied from the embeddings)", _apply_head, "model"),
+    "partial": Method("partial", "partial fine-tuning: the top N blocks and named modules", _apply_partial, "model"),
+}
+
+
+def method_names() -> tuple[str, ...]:
+    return tuple(METHODS)
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        import difflib
+
+        close = difflib.get_close_matches(name, METHODS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown method {name!r}{hint}; choose one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def trainable_parameters(model: nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]

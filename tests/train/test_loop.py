@@ -1,0 +1,119 @@
+"""The training loop and CLI end to end on a tiny random Llama with a locally built tokenizer:
+train, interrupt and resume (losses equal an uninterrupted run), every strategy, merge, generate, eval, info."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from deltatune.cli import main
+from deltatune.config import load_config
+from deltatune.testing import build_tiny_tokenizer
+from deltatune.train.config import TrainConfig
+from deltatune.train.loop import lr_lambda, run
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("tiny-model")
+    tok = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def _args(model_dir: Path, out: Path, *extra: str) -> list[str]:
+    base = [f"model.spec={model_dir}", "model.dtype=fp32", "data.num_train=24", "data.num_eval=4",
+            "train.batch_size=4", "train.lr=1e-3", f"output_dir={out}", "eval.max_new_tokens=8",
+            "train.bf16=false", "lora.r=4", "lora.dropout=0.1"]
+    out_args: list[str] = []
+    for kv in base + list(extra):
+        out_args += ["--set", kv]
+    return out_args
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_resume_equals_uninterrupted(model_dir: Path, tmp_path: Path) -> None:
+    full = tmp_path / "full"
+    assert main(["train", "--no-progress", *_args(model_dir, full)]) == 0
+    summary = json.loads((full / "summary.json").read_text())
+    assert summary["steps"] == 6 and (full / "adapter" / "adapter_config.json").exists()
+    assert (full / "loss.png").stat().st_size > 1000
+    assert {"before", "after", "trainable_params", "tokens_per_s", "peak_memory_mb"} <= summary.keys()
+
+    # Interrupted after 2 steps (as Ctrl-C would), then resumed.
+    part = tmp_path / "part"
+    cfg = load_config(TrainConfig, None, [a for a in _args(model_dir, part) if a != "--set"])
+    res = run(cfg, progress=False, stop_after_steps=2)
+    assert res.interrupted and (part / "checkpoints").exists()
+    assert main(["train", "--no-progress", "--resume", *_args(model_dir, part)]) == 0
+    assert _losses(part) == _losses(full)
+    assert len(_losses(full)) == 6
+
+
+@pytest.mark.parametrize("method", ["full", "head", "partial"])
+def test_strategies_train_and_save_full_weights(method: str, model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / method
+    extra = ["train.max_steps=2", f"method={method}", "partial.top_n_layers=1"]
+    assert main(["train", "--no-progress", *_args(model_dir, out, *extra)]) == 0
+    trained = AutoModelForCausalLM.from_pretrained(out / "model")
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    changed = {n for n, p in trained.named_parameters()
+               if not torch.equal(p, dict(base.named_parameters())[n])}
+    if method == "head":
+        assert changed == {"lm_head.weight"}
+    elif method == "partial":
+        assert changed and all(n.startswith("model.layers.1.") for n in changed)
+    else:
+        assert any(n.startswith("model.layers.0.") for n in changed)
+
+
+def test_merge_generate_eval_info(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert main(["train", "--no-progress", *_args(model_dir, out, "train.max_steps=2")]) == 0
+    # make the adapter non-trivial so merge is checked for real
+    from safetensors.torch import load_file, save_file
+    w = out / "adapter" / "adapter_model.safetensors"
+    tensors = {k: (torch.randn_like(v) * 0.1 if "lora_B" in k else v) for k, v in load_file(w).items()}
+    save_file(tensors, str(w))
+    merged = tmp_path / "merged"
+    assert main(["merge", "--model", str(model_dir), "--adapter", str(out / "adapter"), "--out", str(merged)]) == 0
+    from deltatune import load_adapter
+    ids = torch.randint(0, 100, (1, 10))
+    ref = load_adapter(AutoModelForCausalLM.from_pretrained(model_dir), out / "adapter")(ids).logits
+    torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(merged)(ids).logits, ref, rtol=1e-4, atol=1e-4)
+    capsys.readouterr()
+    assert main(["generate", "--model", str(model_dir), "--adapter", str(out / "adapter"), "--prompt", "hi",
+                 "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.strip() != ""
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"instruction": "Say hi", "output": "hi"}) for _ in range(3)))
+    assert main(["eval", "--data", str(data), "--model", str(model_dir), "--max-new-tokens", "4"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["examples"] == 3 and math.isfinite(res["ppl"]) and "exact_match" in res
+    assert main(["info", str(out / "adapter")]) == 0
+    text = capsys.readouterr().out
+    assert "adapted modules: 14" in text and "ranks: {4: 14}" in text
+
+
+def test_bad_config_key_is_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--set", "lora.rank=4"]) == 2
+    assert "did you mean 'lora.r'" in capsys.readouterr().err.lower()
+
+
+def test_lr_schedule() -> None:
+    assert lr_lambda(0, 10, 2, "cosine") == 0.5 and lr_lambda(1, 10, 2, "cosine") == 1.0
+    assert lr_lambda(2, 10, 2, "cosine") == 1.0 and abs(lr_lambda(6, 10, 2, "cosine") - 0.5) < 1e-12
+    assert lr_lambda(6, 10, 2, "linear") == 0.5 and lr_lambda(9, 10, 0, "constant") == 1.0
