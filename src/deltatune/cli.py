@@ -151,7 +151,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from . import unload
 
     model, tok = _load(args.model, args.adapter, args.dtype)
-    plain = unload(model)
+    plain: Any = unload(model)
     out = Path(args.out)
     plain.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)

@@ -56,8 +56,9 @@ def untie_output_head(model: nn.Module) -> nn.Module | None:
         return None
     if emb is not None and head.weight is emb.weight:
         head.weight = nn.Parameter(head.weight.detach().clone())
-        if hasattr(model, "config"):
-            model.config.tie_word_embeddings = False
+        config: Any = getattr(model, "config", None)
+        if config is not None:
+            config.tie_word_embeddings = False
     return head
 
 

@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -72,7 +72,8 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     labels = batch["labels"][:, 1:]  # (B, T-1): the token each position predicts
     keep = labels != IGNORE_INDEX
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    hf: Any = model  # a transformers PreTrainedModel; nn.Module's typing does not know its methods
+    head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
     backbone = getattr(model, "base_model", None)
     if model_type in _PLAIN_HEAD_TYPES and head is not None and backbone is not None and backbone is not model:
         hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
@@ -90,7 +91,7 @@ def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def _batches(rows: list[Tokenized], batch_size: int) -> Iterator[list[Tokenized]]:
+def _batches(rows: list[Tokenized], batch_size: int) -> Iterator[list[Any]]:
     for i in range(0, len(rows), batch_size):
         yield rows[i : i + batch_size]
 
@@ -165,10 +166,8 @@ class _StopFlag:
 
     def __enter__(self) -> _StopFlag:
         for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
+            with contextlib.suppress(ValueError):  # not the main thread: no signal handling
                 self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: no signal handling
-                pass
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -220,10 +219,11 @@ def run(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer: Any = No
         for p in params:
             if p.dtype in (torch.bfloat16, torch.float16):
                 p.data = p.data.float()
-    if cfg.train.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
+    hf: Any = model
+    if cfg.train.gradient_checkpointing and hasattr(hf, "gradient_checkpointing_enable"):
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(hf, "enable_input_require_grads"):
+            hf.enable_input_require_grads()
     from ..inject import parameter_report
 
     report = parameter_report(model)
@@ -268,7 +268,7 @@ def run(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer: Any = No
             # Whole accumulation windows only; a ragged tail of micro-batches rolls into the next epoch's order.
             usable = (len(batches) // cfg.train.grad_accum) * cfg.train.grad_accum or len(batches)
             while micro_done < usable and step < total_steps:
-                window = [collate([data.train[i] for i in batches[micro_done + j]], pad)
+                window = [collate([cast(Any, data.train[i]) for i in batches[micro_done + j]], pad)
                           for j in range(min(cfg.train.grad_accum, usable - micro_done))]
                 n_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window)
                 total = 0.0
@@ -358,7 +358,8 @@ def run(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer: Any = No
 
 
 def _make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for n, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 or n.endswith(".bias") else decay).append(p)
@@ -396,7 +397,7 @@ def _merged_for_inference(model: nn.Module) -> Iterator[None]:
             unmerge(model)
 
 
-def _save_result(model: nn.Module, tokenizer: Any, cfg: TrainConfig, out_dir: Path, saves: str) -> None:
+def _save_result(model: Any, tokenizer: Any, cfg: TrainConfig, out_dir: Path, saves: str) -> None:
     if saves == "adapter":
         save_adapter(model, out_dir / "adapter")
         return
