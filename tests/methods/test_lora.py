@@ -121,24 +121,43 @@ def test_conv2d_matches_naive_formula_and_merge() -> None:
 
 
 def test_dropout_acts_on_adapter_input_only() -> None:
+    from deltatune.methods.lora import _keep_mask, effective_dropout
+
     torch.manual_seed(0)
     base = nn.Linear(16, 16)
     layer = LoraLayer(base)
     layer.add("a", r=4, alpha=4, dropout=0.5)
     layer.active = ["a"]
     layer.train()
-    x = torch.randn(64, 16)
+    x = torch.randn(64, 16, requires_grad=True)
     # With B = 0 the dropped adapter path adds nothing: the output is exactly the base output.
     torch.testing.assert_close(layer(x), base(x), rtol=0, atol=0)
-    _, b = layer.factors("a")
+    a, b = layer.factors("a")
     with torch.no_grad():
         b.normal_()
     torch.manual_seed(5)
     out = layer(x)
     torch.manual_seed(5)
-    xd = torch.nn.functional.dropout(x, 0.5, True)
-    a, _ = layer.factors("a")
-    torch.testing.assert_close(out, base(x) + (xd @ a.T) @ b.T, rtol=1e-5, atol=1e-5)
+    keep = _keep_mask(x.shape, 0.5, x.device)
+    xd = x * keep / (1 - effective_dropout(0.5))  # naive dropout with the same mask
+    want = base(x) + (xd @ a.T) @ b.T
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    # gradients through the custom autograd function equal autograd through the naive formula
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, a], g)
+    ref = torch.autograd.grad(want, [x, a], g)
+    for u, v in zip(got, ref):
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_mask_rate() -> None:
+    from deltatune.methods.lora import _keep_mask
+
+    torch.manual_seed(0)
+    n = 1_000_000
+    dropped = 1 - _keep_mask(torch.Size([n]), 0.05, torch.device("cpu")).float().mean().item()
+    # binomial std for p=0.05, n=1e6 is 2.2e-4; 5 sigma
+    assert abs(dropped - 0.05) < 5 * (0.05 * 0.95 / n) ** 0.5
 
 
 # ----------------------------------------------------------------------------- invariants on models
