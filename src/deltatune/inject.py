@@ -13,6 +13,7 @@ import difflib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,7 +34,8 @@ _LAYER_INDEX = re.compile(r".*?\.(?:layers|h|layer|blocks|block)\.(\d+)(?:\.|$)"
 class AdapterState:
     """What deltatune added to a model: one config per adapter name, and the active names."""
 
-    configs: dict[str, LoraConfig] = field(default_factory=dict)
+    # LoraConfig for LoRA adapters; other methods store their own config dataclass here.
+    configs: dict[str, Any] = field(default_factory=dict)
     active: list[str] = field(default_factory=list)
 
 

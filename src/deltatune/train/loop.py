@@ -276,7 +276,8 @@ def run(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer: Any = No
                     b = {k: v.to(device) for k, v in b.items()}
                     with _autocast(device, bf16):
                         loss = loss_sum(model, b) / max(1, n_tokens)
-                    loss.backward()
+                        extra = _extra_loss(model)
+                    (loss + extra / len(window) if extra is not None else loss).backward()
                     total += float(loss.detach())
                 grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
                              if cfg.train.max_grad_norm > 0 else None)
@@ -372,6 +373,13 @@ def _make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
 
         return AdamW8bit(groups, **kw)
     return torch.optim.AdamW(groups, **kw)
+
+
+def _extra_loss(model: nn.Module) -> torch.Tensor | None:
+    """Hook for methods that add a regulariser to the loss (AdaLoRA's orthogonality penalty):
+    ``model.deltatune_extra_loss()`` returns a scalar tensor, added once per optimizer step."""
+    hook = getattr(model, "deltatune_extra_loss", None)
+    return hook() if callable(hook) else None
 
 
 def _after_step(model: nn.Module, step: int) -> None:
