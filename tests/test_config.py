@@ -135,6 +135,8 @@ def test_apply_overrides() -> None:
     [
         ("train.lrr=1", "unknown key 'train.lrr' — did you mean 'train.lr'"),
         ("lr=1", "did you mean 'train.lr'"),
+        ("lora.rank=4", "did you mean 'lora.r'"),  # too short for difflib alone
+        ("lora.lora_alpha=4", "did you mean 'lora.alpha'"),  # PEFT's spelling
         ("train.lr.x=1", "'train.lr' is a float value, not a section"),
         ("train.lr", "must look like 'section.key=value'"),
         ("lora.r=-1", "LoraConfig.r must be a positive integer"),

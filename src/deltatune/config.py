@@ -224,6 +224,12 @@ def _closest(name: str, prefix: str, cls: type, root: type | None) -> str:
     match = difflib.get_close_matches(name, siblings, n=1, cutoff=0.6)
     if match:
         return f" — did you mean '{_join(prefix, match[0])}'?"
+    # Short keys defeat difflib ratios ('rank' vs 'r' is 0.4): the longest sibling the key starts
+    # with, else a sibling that starts with the key ('warmup' → 'warmup_ratio').
+    stems = sorted((s for s in siblings if name.startswith(s)), key=len, reverse=True)
+    stems += [s for s in siblings if s.startswith(name)]
+    if stems:
+        return f" — did you mean '{_join(prefix, stems[0])}'?"
     tails = {k.rsplit(".", 1)[-1]: k for k in leaves}
     match = difflib.get_close_matches(name, list(tails), n=1, cutoff=0.75)
     if match:

@@ -58,6 +58,20 @@ def _trained_text(tok: Any, row: dict) -> str:
     return tok.decode([t for t, lab in zip(row["input_ids"], row["labels"]) if lab != IGNORE_INDEX])
 
 
+def test_tiny_tokenizer_round_trips_through_save_pretrained(tmp_path: Path, tok: Any) -> None:
+    from transformers import AutoTokenizer
+
+    text = tok.apply_chat_template(CHAT["messages"], tokenize=False)
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text and len(ids) < len(text)  # merges happen, nothing is lost
+    assert (tok.pad_token_id, tok.eos_token) == (0, "<|im_end|>")
+    tok.save_pretrained(tmp_path)
+    back = AutoTokenizer.from_pretrained(tmp_path)
+    assert back(text, add_special_tokens=False)["input_ids"] == ids
+    assert back.chat_template == tok.chat_template and back.pad_token_id == 0
+
+
 # --- reading and formats ---------------------------------------------------------------------
 
 
