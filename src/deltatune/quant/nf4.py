@@ -1,0 +1,597 @@
+"""NF4 / FP4 blockwise 4-bit quantization in pure PyTorch, byte-identical to bitsandbytes.
+
+QLoRA (Dettmers et al. 2023, §2 "4-bit NormalFloat", §3 "Double Quantization") stores a frozen
+weight as 4-bit codes, one fp32 ``absmax`` per block of ``block_size`` values, and optionally
+quantizes those absmax values again to 8 bits ("double quantization").
+
+Reference semantics (bitsandbytes 0.50.2, the version this file was checked against):
+
+* codebooks: ``bitsandbytes.functional.get_4bit_type`` (copied below, float32 values);
+* 4-bit quantize: the pure-PyTorch reference kernel ``bitsandbytes/backends/default/ops.py``
+  (``bitsandbytes::quantize_4bit``), which is the kernel bitsandbytes runs on CPU:
+  full blocks use ``x * (1 / absmax)``, the ragged last block uses ``x / absmax``; the index is
+  ``torch.bucketize`` on the fp32 midpoints of the sorted codebook, i.e. the number of
+  midpoints strictly below the scaled value (an exact tie goes to the lower code);
+  two codes per byte, the first element in the high nibble; an odd tail is padded with 0;
+* 4-bit dequantize: ``code[q] * absmax`` in fp32, then cast to the output dtype;
+* double quantization (``quantize_4bit(..., compress_statistics=True)``): subtract the fp32
+  mean of the absmax vector, then 8-bit blockwise quantization with ``create_dynamic_map()``
+  in blocks of 256.  We pick the exact nearest dynamic code (as bnb's CUDA kernel and its
+  pure-PyTorch reference do); bnb's CPU C++ kernel rounds through a lookup table and differs
+  on a small fraction of nested codes (measured in tests/quant/test_nf4.py);
+* checkpoint layout: ``bitsandbytes.functional.QuantState.as_dict(packed=True)`` /
+  ``from_dict``, the layout transformers writes for ``load_in_4bit`` models.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "NF4_CODE",
+    "FP4_CODE_RAW",
+    "QuantState4bit",
+    "create_dynamic_map",
+    "get_4bit_code",
+    "quantize_4bit",
+    "dequantize_4bit",
+    "quantize_nf4",
+    "dequantize_nf4",
+    "quantize_fp4",
+    "dequantize_fp4",
+    "quantize_blockwise_8bit",
+    "dequantize_blockwise_8bit",
+    "storage_bits_per_param",
+]
+
+# NF4 levels, copied verbatim from bitsandbytes 0.50.2 `functional.get_4bit_type("nf4")`
+# (generated there by `create_normal_map(offset=0.9677083, use_extra_value=True)`):
+# 7 negative levels, an exact 0, 8 positive levels; sorted ascending.
+NF4_CODE: tuple[float, ...] = (
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
+# FP4 (e2m1, bias 2) in bit-pattern order, copied from the same function; bitsandbytes divides
+# the table by its absmax (12.0) in float32.  Note `-0` is the Python int 0, i.e. +0.0.
+FP4_CODE_RAW: tuple[float, ...] = (
+    0,
+    0.0625,
+    8.0,
+    12.0,
+    4.0,
+    6.0,
+    2.0,
+    3.0,
+    -0,
+    -0.0625,
+    -8.0,
+    -12.0,
+    -4.0,
+    -6.0,
+    -2.0,
+    -3.0,
+)
+
+VALID_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+NESTED_BLOCK_SIZE = 256  # bitsandbytes quantizes absmax in blocks of 256 (quantize_4bit)
+_CHUNK = 1 << 18  # elements per inner step: temporaries stay in L2/L3, few parallel regions
+
+
+@cache
+def get_4bit_code(quant_type: str) -> Tensor:
+    """The 16-entry fp32 codebook of ``quant_type`` ("nf4" or "fp4"), indexed by 4-bit code."""
+    if quant_type == "nf4":
+        return torch.tensor(NF4_CODE, dtype=torch.float32)
+    if quant_type == "fp4":
+        data = torch.tensor(FP4_CODE_RAW, dtype=torch.float32)
+        return data.div_(data.abs().max())  # same fp32 division as bitsandbytes
+    raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+
+
+@cache
+def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> Tensor:
+    """bitsandbytes' 8-bit dynamic tree code (Dettmers 2015), 256 sorted fp32 values.
+
+    Same arithmetic as ``bitsandbytes.functional.create_dynamic_map`` (fp32 linspace, python
+    float scaling, one final fp32 rounding) so the table is bit-identical.
+    """
+    data: list[float] = []
+    non_sign_bits = total_bits - 1
+    additional_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
+    for i in range(max_exponent_bits):
+        fraction_items = int(
+            2 ** (i + non_sign_bits - max_exponent_bits) + 1
+            if signed
+            else 2 ** (i + non_sign_bits - max_exponent_bits + 1) + 1
+        )
+        boundaries = torch.linspace(0.1, 1, fraction_items, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+        if signed:
+            data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+    if additional_items > 0:
+        boundaries = torch.linspace(0.1, 1, additional_items + 1, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        data += ((10 ** (-(max_exponent_bits - 1) + max_exponent_bits - 1)) * means).tolist()
+        if signed:
+            data += (-(10 ** (-(max_exponent_bits - 1) + max_exponent_bits - 1)) * means).tolist()
+    data.append(0)
+    data.append(1.0)
+    assert len(data) == 2**total_bits
+    data += [0] * (256 - len(data))
+    data.sort()
+    return torch.tensor(data, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Exact nearest-level search without a binary search.
+#
+# torch.bucketize costs ~50 ns/element on this class of CPU (branchy binary search).  We split
+# [-1, 1] into K equal cells, chosen so that every cell holds at most one codebook midpoint and
+# no midpoint lies within `margin` of a cell edge.  Then for s in cell c:
+#     #(midpoints < s) = base[c] + (s > thr[c])
+# where base[c] counts the midpoints below the cell and thr[c] is the cell's midpoint (+inf if
+# none).  The fp32 rounding in computing c moves s at most a few ulps (~1e-7) across an edge,
+# and because no midpoint is that close to an edge the count is still exact.  Ties (s equal to
+# a midpoint) compare false, i.e. go to the lower code, exactly like bucketize(right=False).
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Grid:
+    half: float  # K / 2: cell = trunc(s * K/2 + K/2)
+    base: Tensor  # (K + 1,) int32 bucket count below each cell (or final code for fp4)
+    thr: Tensor  # (K + 1,) fp32 midpoint inside each cell, +inf when none
+    step: Tensor  # (K + 1,) int32 code increment when s > thr (1 for sorted codes)
+    sorted_codes: bool  # nf4: bucket index == code, so the step table is not needed
+
+
+def _find_grid(mids: list[float], margin: float = 1e-5) -> int:
+    for k in range(16, 1 << 15):
+        edges_ok = True
+        counts: dict[int, int] = {}
+        for m in mids:
+            t = (m + 1.0) * k / 2.0
+            c = math.floor(t)
+            if t - c < margin * k or c + 1 - t < margin * k:
+                edges_ok = False
+                break
+            counts[c] = counts.get(c, 0) + 1
+        if edges_ok and max(counts.values()) <= 1:
+            return k
+    raise RuntimeError("no grid found")  # pragma: no cover - codebooks are fixed
+
+
+@cache
+def _grid(quant_type: str) -> _Grid:
+    code = get_4bit_code(quant_type)
+    order = torch.argsort(code)  # same call as bitsandbytes: identity for nf4, a remap for fp4
+    srt = code[order]
+    mids_t = (srt[:-1] + srt[1:]) / 2  # fp32 midpoints, identical to bnb's `bounds`
+    mids = mids_t.tolist()
+    k = _find_grid(mids)
+    base = torch.zeros(k + 1, dtype=torch.int64)
+    thr = torch.full((k + 1,), math.inf, dtype=torch.float32)
+    for i, m in enumerate(mids):
+        c = math.floor((m + 1.0) * k / 2.0)
+        base[c + 1 :] += 1
+        thr[c] = mids_t[i]
+    # Map bucket -> code index (fp4 codes are not sorted); step = code(bucket+1) - code(bucket).
+    order_ext = torch.cat([order, order[-1:]])
+    lo = order_ext[base]
+    hi = order_ext[(base + 1).clamp(max=15)]
+    step = (hi - lo).to(torch.int32)
+    is_sorted = bool(torch.equal(order, torch.arange(16)))
+    return _Grid(half=k / 2.0, base=lo.to(torch.int32), thr=thr, step=step, sorted_codes=is_sorted)
+
+
+def _codes_of_scaled(s: Tensor, grid: _Grid, out: Tensor) -> None:
+    """Write into int32 ``out`` the 4-bit code of each fp32 value in ``s`` (both (m,))."""
+    cell = torch.mul(s, grid.half).add_(grid.half).to(torch.int32)  # trunc toward 0; s ≥ -1-ε
+    torch.index_select(grid.base, 0, cell, out=out)
+    thr = grid.thr.index_select(0, cell)
+    above = torch.gt(s, thr)
+    if grid.sorted_codes:
+        out.add_(above)
+    else:
+        out.add_(grid.step.index_select(0, cell).mul_(above))
+
+
+# ----------------------------------------------------------------------------------------------
+# State
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class QuantState4bit:
+    """Everything needed to undo a 4-bit quantization (mirrors bitsandbytes ``QuantState``).
+
+    absmax: (n_blocks,) fp32, or (n_blocks,) uint8 dynamic codes when double-quantized.
+    code: (16,) fp32 4-bit codebook ("quant_map").
+    nested_absmax: (ceil(n_blocks / 256),) fp32 scale of the absmax codes.
+    nested_code: (256,) fp32 dynamic map ("nested_quant_map").
+    offset: 0-d fp32 mean subtracted from absmax before the 8-bit quantization.
+    """
+
+    absmax: Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    block_size: int
+    quant_type: str
+    code: Tensor
+    nested_absmax: Tensor | None = None
+    nested_code: Tensor | None = None
+    offset: Tensor | None = None
+    nested_block_size: int = NESTED_BLOCK_SIZE
+
+    @property
+    def nested(self) -> bool:
+        return self.nested_absmax is not None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def block_absmax(self) -> Tensor:
+        """(n_blocks,) fp32 absmax, undoing double quantization exactly as bitsandbytes does."""
+        if not self.nested:
+            return self.absmax.float()
+        assert self.nested_absmax is not None and self.nested_code is not None and self.offset is not None
+        absmax = dequantize_blockwise_8bit(
+            self.absmax, self.nested_absmax, self.nested_code, self.nested_block_size
+        )
+        return absmax.add_(self.offset)
+
+    def to(self, device: torch.device | str) -> QuantState4bit:
+        def mv(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device)
+
+        return QuantState4bit(
+            absmax=self.absmax.to(device),
+            shape=self.shape,
+            dtype=self.dtype,
+            block_size=self.block_size,
+            quant_type=self.quant_type,
+            code=self.code.to(device),
+            nested_absmax=mv(self.nested_absmax),
+            nested_code=mv(self.nested_code),
+            offset=mv(self.offset),
+            nested_block_size=self.nested_block_size,
+        )
+
+    # -- checkpoint layout: bitsandbytes QuantState.as_dict(packed=True) / from_dict ----------
+    def state_dict(self) -> dict[str, Tensor]:
+        """Tensors keyed as bitsandbytes writes them after ``<module>.weight.``.
+
+        Keys: absmax, quant_map, [nested_absmax, nested_quant_map,]
+        quant_state.bitsandbytes__<quant_type> (uint8 bytes of a JSON object).
+        """
+        meta: dict[str, object] = {
+            "quant_type": self.quant_type,
+            "blocksize": self.block_size,
+            "dtype": _dtype_name(self.dtype),
+            "shape": list(self.shape),
+        }
+        out: dict[str, Tensor] = {"absmax": self.absmax, "quant_map": self.code}
+        if self.nested:
+            assert self.nested_code is not None and self.offset is not None and self.nested_absmax is not None
+            out["nested_absmax"] = self.nested_absmax
+            out["nested_quant_map"] = self.nested_code.clone()  # unshared, as bnb (safetensors)
+            meta.update(
+                {
+                    "nested_blocksize": self.nested_block_size,
+                    "nested_dtype": "float32",
+                    "nested_offset": self.offset.item(),
+                }
+            )
+        # json.dumps with default separators: the same bytes bitsandbytes' pack_dict_to_tensor writes.
+        raw = json.dumps(meta).encode("utf-8")
+        out["quant_state.bitsandbytes__" + self.quant_type] = torch.frombuffer(
+            bytearray(raw), dtype=torch.uint8
+        )
+        return out
+
+    @classmethod
+    def from_state_dict(
+        cls, tensors: dict[str, Tensor], device: torch.device | str | None = None
+    ) -> QuantState4bit:
+        """Inverse of :meth:`state_dict`; keys may carry any prefix (``...weight.absmax``)."""
+        by_leaf: dict[str, Tensor] = {}
+        meta: dict[str, object] | None = None
+        for key, val in tensors.items():
+            if "quant_state.bitsandbytes__" in key:
+                meta = json.loads(bytes(val.cpu().to(torch.uint8).numpy()).decode("utf-8"))
+            else:
+                by_leaf[key.split(".")[-1]] = val
+        if meta is None:
+            raise ValueError("missing 'quant_state.bitsandbytes__nf4|fp4' entry")
+        dev = device if device is not None else by_leaf["absmax"].device
+        nested = "nested_absmax" in by_leaf
+        shape = meta["shape"]
+        assert isinstance(shape, list)
+        nested_bs = meta.get("nested_blocksize", NESTED_BLOCK_SIZE)
+        block_size = meta["blocksize"]
+        assert isinstance(nested_bs, int) and isinstance(block_size, int)
+        return cls(
+            absmax=by_leaf["absmax"].to(dev),
+            shape=torch.Size(shape),
+            dtype=getattr(torch, str(meta["dtype"])),
+            block_size=block_size,
+            quant_type=str(meta["quant_type"]),
+            code=by_leaf["quant_map"].to(dev),
+            nested_absmax=by_leaf["nested_absmax"].to(dev) if nested else None,
+            nested_code=by_leaf["nested_quant_map"].to(dev) if nested else None,
+            offset=torch.tensor(float(str(meta["nested_offset"])), device=dev) if nested else None,
+            nested_block_size=nested_bs,
+        )
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ----------------------------------------------------------------------------------------------
+# 8-bit blockwise (dynamic code): used for double quantization and by optim8bit
+# ----------------------------------------------------------------------------------------------
+def quantize_blockwise_8bit(x: Tensor, code: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
+    """Nearest-code 8-bit blockwise quantization of a flat fp32 tensor.
+
+    x: (n,) float; code: (256,) sorted fp32.  Returns (q: (n,) uint8, absmax: (ceil(n/bs),) fp32).
+    Semantics of bitsandbytes' reference kernel (backends/default/ops.py quantize_blockwise):
+    full blocks scale by x * (1/absmax), the ragged block by x / absmax, absmax clamped at 1e-38
+    for the division only (stored unclamped, except the ragged block which bnb stores clamped),
+    index = bucketize on fp32 code midpoints (ties to the lower code).
+    """
+    flat = x.reshape(-1).float()
+    n = flat.numel()
+    rem = n % block_size
+    full = n - rem
+    com = flat[:full].view(-1, block_size)
+    absmax = com.abs().amax(dim=1) if full else flat.new_empty(0)
+    scaled = torch.clamp(com * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1), -1, 1).view(-1)
+    if rem:
+        am = flat[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, am.view(1)])
+        scaled = torch.cat([scaled, torch.clamp(flat[full:] / am, -1, 1)])
+    bounds = (code[:-1] + code[1:]) / 2
+    q = torch.bucketize(scaled, bounds, out_int32=True).to(torch.uint8)
+    return q, absmax
+
+
+def dequantize_blockwise_8bit(q: Tensor, absmax: Tensor, code: Tensor, block_size: int) -> Tensor:
+    """(n,) uint8 codes -> (n,) fp32 values ``code[q] * absmax[i // block_size]``."""
+    flat = q.reshape(-1)
+    n = flat.numel()
+    vals = code.index_select(0, flat.to(torch.int32))
+    full = n - n % block_size
+    if full:
+        vals[:full].view(-1, block_size).mul_(absmax[: full // block_size].unsqueeze(1))
+    if full < n:
+        vals[full:].mul_(absmax[full // block_size])
+    return vals
+
+
+# ----------------------------------------------------------------------------------------------
+# 4-bit quantize
+# ----------------------------------------------------------------------------------------------
+def quantize_4bit(
+    weight: Tensor, block_size: int = 64, double_quant: bool = True, quant_type: str = "nf4"
+) -> tuple[Tensor, QuantState4bit]:
+    """Quantize ``weight`` (any shape, fp32/bf16/fp16) to packed 4-bit codes.
+
+    Returns ``packed``: (ceil(numel/2), 1) uint8 (bitsandbytes' Params4bit layout, first element
+    in the high nibble) and the :class:`QuantState4bit` needed to dequantize.
+    """
+    if block_size not in VALID_BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {VALID_BLOCK_SIZES}, got {block_size}")
+    if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"4-bit quantization needs fp32/bf16/fp16 input, got {weight.dtype}")
+    grid = _grid(quant_type)
+    flat = weight.detach().reshape(-1)
+    n = flat.numel()
+    n_blocks = -(-n // block_size)
+    full = (n // block_size) * block_size
+    absmax = torch.empty(n_blocks, dtype=torch.float32, device=flat.device)
+    codes = torch.empty(n + (n & 1), dtype=torch.int32, device=flat.device)  # even length
+
+    # Full blocks, in chunks of whole blocks so the fp32 temporaries stay in cache.
+    step = max(block_size, (_CHUNK // block_size) * block_size)
+    scaled = torch.empty(step, dtype=torch.float32, device=flat.device)  # reused chunk buffer
+    for start in range(0, full, step):
+        stop = min(start + step, full)
+        xb = flat[start:stop].view(-1, block_size)  # (nb, bs) in the input dtype
+        # absmax = max(|min|, |max|), exact in any float dtype; abs_() turns -0.0 into +0.0 as
+        # bnb's abs().max() does for an all-zero block.
+        mn, mx = torch.aminmax(xb, dim=1)
+        am = torch.maximum(mn.neg(), mx).float().abs_()
+        if not bool(torch.isfinite(am).all()):  # NaN/Inf would index outside the cell tables
+            raise ValueError("cannot quantize a weight with NaN or Inf values")
+        absmax[start // block_size : stop // block_size] = am
+        # s = x * (1/absmax) in fp32 (bf16/fp16 promote exactly); never touches `weight`.
+        s = scaled[: stop - start]
+        torch.mul(xb, (1.0 / am.clamp(min=1e-38)).unsqueeze(1), out=s.view(-1, block_size))
+        _codes_of_scaled(s, grid, codes[start:stop])
+    if full < n:  # ragged last block: bnb divides by its (clamped) absmax instead of multiplying
+        tail = flat[full:].float()
+        am_t = tail.abs().max().clamp(min=1e-38)
+        if not bool(torch.isfinite(am_t)):
+            raise ValueError("cannot quantize a weight with NaN or Inf values")
+        absmax[-1] = am_t
+        _codes_of_scaled(tail / am_t, grid, codes[full:n])
+    if n & 1:  # bnb pads the scaled vector with one 0 before packing
+        _codes_of_scaled(torch.zeros(1, device=flat.device), grid, codes[n:])
+
+    # Pack: code pairs (a, b) -> (a << 4) | b, the first element in the high nibble.
+    pairs = codes.view(-1, 2)
+    packed = (pairs[:, 0] * 16).add_(pairs[:, 1]).to(torch.uint8).unsqueeze(1)
+
+    code = get_4bit_code(quant_type).to(flat.device)
+    if not double_quant:
+        return packed, QuantState4bit(
+            absmax, weight.shape, weight.dtype, block_size, quant_type, code.clone()
+        )
+    offset = absmax.mean()
+    dyn = create_dynamic_map(True).to(flat.device)
+    qabs, nested_absmax = quantize_blockwise_8bit(absmax - offset, dyn, NESTED_BLOCK_SIZE)
+    state = QuantState4bit(
+        absmax=qabs,
+        shape=weight.shape,
+        dtype=weight.dtype,
+        block_size=block_size,
+        quant_type=quant_type,
+        code=code.clone(),
+        nested_absmax=nested_absmax,
+        nested_code=dyn.clone(),
+        offset=offset,
+    )
+    return packed, state
+
+
+# ----------------------------------------------------------------------------------------------
+# 4-bit dequantize
+# ----------------------------------------------------------------------------------------------
+@cache
+def _dequant_code(quant_type: str) -> Tensor:
+    """(16,) fp32 values the dequantize kernels produce for each code.
+
+    Equal to the codebook except FP4 code 0b1000, which bitsandbytes' C++ CPU and CUDA kernels
+    decode from its sign bit as -0.0 (the quant_map tensor, and bnb's pure-PyTorch fallback
+    used for odd last dimensions, hold +0.0).  We follow the kernels; -0.0 == +0.0 in value.
+    """
+    code = get_4bit_code(quant_type).clone()
+    if quant_type == "fp4":
+        code[8] = -0.0
+    return code
+
+
+@cache
+def _quad_lut(quant_type: str) -> Tensor:
+    """(65536,) complex128 = 4 fp32 code values for each 16-bit word of two packed bytes.
+
+    A little-endian int16 word w holds byte0 = w & 255 (elements 0, 1) and byte1 = w >> 8
+    (elements 2, 3); one index_select then yields four outputs (16 bytes) per lookup.
+    """
+    code = _dequant_code(quant_type)
+    b = torch.arange(256)
+    pair = torch.stack([code[b >> 4], code[b & 15]], 1)  # (256, 2): high nibble first
+    w = torch.arange(65536)
+    quad = torch.cat([pair[w & 255], pair[w >> 8]], 1).contiguous()  # (65536, 4) fp32
+    return quad.view(torch.complex128).view(-1)
+
+
+def dequantize_4bit(packed: Tensor, state: QuantState4bit, dtype: torch.dtype | None = None) -> Tensor:
+    """Packed codes + state -> tensor of ``state.shape`` in ``dtype`` (default: original dtype).
+
+    Each value is ``code[q] * absmax`` rounded once to fp32, then cast to ``dtype`` — the exact
+    bitsandbytes arithmetic, so fp32 results are bit-identical and bf16/fp16 ones are the
+    correctly rounded casts of those.
+    """
+    out_dtype = dtype or state.dtype
+    n = state.numel
+    bs = state.block_size
+    absmax = state.block_absmax()  # (n_blocks,) fp32
+    pk = packed.reshape(-1)
+    if pk.dtype != torch.uint8:
+        pk = pk.view(torch.uint8)
+    out = torch.empty(n, dtype=out_dtype, device=pk.device)
+    full = (n // bs) * bs  # bs ≥ 32, so `full` is a multiple of 4 elements = 2 bytes
+    if full and pk.device.type == "cpu":
+        _dequant_cpu_full(pk[: full // 2], absmax, state.quant_type, bs, out[:full])
+    elif full:
+        code = _dequant_code(state.quant_type).to(pk.device)
+        _dequant_simple(pk[: full // 2], absmax[: full // bs], code, bs, out[:full])
+    if full < n:
+        lo = full // 2
+        code = _dequant_code(state.quant_type).to(pk.device)
+        nib = torch.stack([pk[lo:] >> 4, pk[lo:] & 15], 1).view(-1)[: n - full]
+        out[full:] = code[nib.long()].mul_(absmax[-1])
+    return out.view(state.shape)
+
+
+def _dequant_simple(pk: Tensor, absmax: Tensor, code: Tensor, bs: int, out: Tensor) -> None:
+    """Device-agnostic path: (m/2,) bytes -> out (m,), m a multiple of bs."""
+    nib = torch.stack([pk >> 4, pk & 15], 1).view(-1).long()
+    vals = code[nib].view(-1, bs).mul_(absmax.unsqueeze(1))
+    out.copy_(vals.view(-1))
+
+
+def _dequant_cpu_full(pk: Tensor, absmax: Tensor, quant_type: str, bs: int, out: Tensor) -> None:
+    """CPU fast path over whole blocks: pk (m/2,) uint8, absmax (m/bs,) fp32, out (m,).
+
+    Per chunk: bytes -> 16-bit words -> one 16-byte lookup per 4 outputs -> multiply by the
+    block absmax in fp32 -> cast into `out`.  The chunk temporaries stay in L2.
+    """
+    lut = _quad_lut(quant_type)
+    m = out.numel()
+    words = pk.view(torch.int16)  # (m/4,)
+    step = max(bs, (_CHUNK // bs) * bs)
+    idx = torch.empty(step // 4, dtype=torch.int32)
+    vals = torch.empty(step // 4, dtype=torch.complex128)
+    direct = out.dtype == torch.float32
+    for start in range(0, m, step):
+        stop = min(start + step, m)
+        k = (stop - start) // 4
+        ib, vb = idx[:k], vals[:k]
+        ib.copy_(words[start // 4 : stop // 4]).bitwise_and_(0xFFFF)
+        torch.index_select(lut, 0, ib, out=vb)
+        v = vb.view(torch.float32).view(-1, bs)  # (nb, bs) code values
+        a = absmax[start // bs : stop // bs].unsqueeze(1)
+        o = out[start:stop].view(-1, bs)
+        if direct:
+            torch.mul(v, a, out=o)
+        else:
+            o.copy_(v.mul_(a))  # fp32 product, then one rounding to bf16/fp16
+
+
+# ----------------------------------------------------------------------------------------------
+# Convenience names
+# ----------------------------------------------------------------------------------------------
+def quantize_nf4(
+    weight: Tensor, block_size: int = 64, double_quant: bool = True
+) -> tuple[Tensor, QuantState4bit]:
+    """NF4 quantization; see :func:`quantize_4bit`."""
+    return quantize_4bit(weight, block_size, double_quant, "nf4")
+
+
+def quantize_fp4(
+    weight: Tensor, block_size: int = 64, double_quant: bool = True
+) -> tuple[Tensor, QuantState4bit]:
+    """FP4 (e2m1) quantization; see :func:`quantize_4bit`."""
+    return quantize_4bit(weight, block_size, double_quant, "fp4")
+
+
+def dequantize_nf4(packed: Tensor, state: QuantState4bit, dtype: torch.dtype | None = None) -> Tensor:
+    """Inverse of :func:`quantize_nf4`; see :func:`dequantize_4bit`."""
+    return dequantize_4bit(packed, state, dtype)
+
+
+def dequantize_fp4(packed: Tensor, state: QuantState4bit, dtype: torch.dtype | None = None) -> Tensor:
+    """Inverse of :func:`quantize_fp4`; see :func:`dequantize_4bit`."""
+    return dequantize_4bit(packed, state, dtype)
+
+
+def storage_bits_per_param(packed: Tensor, state: QuantState4bit) -> float:
+    """Bits of stored tensor data per parameter: packed codes, absmax (8-bit codes when nested),
+    nested absmax, offset and both code tables.  The JSON metadata entry (shape, dtype, block
+    sizes: ~150 bytes per tensor) is bookkeeping, not data, and is not counted.
+    """
+    nbytes = packed.numel() * packed.element_size()
+    tensors = [state.absmax, state.code, state.nested_absmax, state.nested_code, state.offset]
+    nbytes += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    return 8.0 * nbytes / state.numel
