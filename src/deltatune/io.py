@@ -91,7 +91,8 @@ def fingerprint(model: nn.Module, paths: list[str]) -> dict[str, Any]:
     modules: dict[str, Any] = {}
     for path in paths:
         module = model.get_submodule(path)
-        base = module.base_layer if isinstance(module, LoraLayer) else module
+        # Every method's wrapper keeps the frozen layer as ``base_layer`` (LoraLayer, VeraLayer, …).
+        base = getattr(module, "base_layer", module)
         checksum = getattr(module, "base_checksum", None)
         if checksum is None:
             checksum = _weight_checksum(base.weight)  # type: ignore[arg-type]
@@ -178,6 +179,9 @@ def save_adapter(model: nn.Module, path: str | Path, name: str | None = None) ->
     if name not in state.configs:
         raise ValueError(f"no adapter named {name!r}; this model has {sorted(state.configs)}")
     cfg = state.configs[name]
+    other = _method_files(getattr(cfg, "PEFT_TYPE", "LORA"))
+    if other is not None:
+        return other.save_peft(model, Path(path), name)  # type: ignore[no-any-return]
     ranks = {p: layer.adapters[name].r for p, layer in lora_layers(model) if name in layer.adapters}
     alphas = {p: layer.adapters[name].alpha for p, layer in lora_layers(model) if name in layer.adapters}
     tensors = adapter_tensors(model, name)
@@ -252,6 +256,18 @@ def read_adapter_info(path: str | Path) -> AdapterFile:
     return _read_dir(path)
 
 
+# Methods other than LoRA translate their own files: peft_type → the module that defines
+# ``save_peft(model, path, name)`` and ``load_peft(model, adapter_file, name, *, trainable, activate)``.
+_METHOD_FILES = {"VERA": "deltatune.methods.vera", "ADALORA": "deltatune.methods.adalora"}
+
+
+def _method_files(peft_type: str) -> Any:
+    import importlib
+
+    module = _METHOD_FILES.get(peft_type)
+    return importlib.import_module(module) if module else None
+
+
 def _split_key(key: str) -> tuple[str, str]:
     """'base_model.model.x.y.lora_A.weight' → ('x.y', 'lora_A')."""
     body = key[len(PREFIX):] if key.startswith(PREFIX) else key
@@ -297,6 +313,9 @@ def load_adapter(model: nn.Module, path: str | Path, name: str | None = None, *,
     name = name or "default"
     if name in existing:
         raise ValueError(f"adapter {name!r} already exists on this model; pass another name=")
+    other = _method_files(str(f.config.get("peft_type", "LORA")))
+    if other is not None:
+        return other.load_peft(model, f, name, trainable=trainable, activate=activate)  # type: ignore[no-any-return]
 
     factors: dict[str, dict[str, torch.Tensor]] = {}
     extra: dict[str, torch.Tensor] = {}  # biases, modules_to_save, saved base embeddings
