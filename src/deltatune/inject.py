@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .methods import dora, lora_init
 from .methods.lora import INIT_SCHEMES, LoraLayer, supported_base
 from .methods.lora_config import LoraConfig
 
@@ -100,7 +101,8 @@ def _pattern_value(patterns: dict[str, int] | dict[str, float], name: str) -> in
     return None
 
 
-_INTERNAL = re.compile(r"\.(base_layer|lora_A|lora_B|original_module|modules_to_save)(\.|$)")
+_INTERNAL = re.compile(
+    r"\.(base_layer|lora_A|lora_B|lora_magnitude_vector|lora_initial|original_module|modules_to_save)(\.|$)")
 
 
 def _user_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -170,15 +172,23 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Mo
         raise ValueError(f"adapter {name!r} already exists; pick another name or delete_adapter() it first")
     targets = find_targets(model, config)
     # Validate before touching the model so a bad config leaves it as it was.
-    if config.init not in INIT_SCHEMES:
-        raise ValueError(f"LoraConfig.init={config.init!r}; choose one of {sorted(INIT_SCHEMES)}")
+    modules = [model.get_submodule(p) for p in targets]
+    kinds = [supported_base(m.base_layer if isinstance(m, LoraLayer) else m) for m in modules]
+    lora_init.check_targets(config.init, kinds)
+    if config.use_dora and "conv2d" in kinds:
+        raise ValueError("use_dora: DoRA supports Linear, Conv1D and Embedding targets, not Conv2d")
     _paths_to_save(model, config.modules_to_save)
     for path in targets:
         module = model.get_submodule(path)
         layer = module if isinstance(module, LoraLayer) else LoraLayer(module)
+        layer = dora.upgrade(layer) if config.use_dora else layer
         r = int(_pattern_value(config.rank_pattern, path) or config.r)
         alpha = float(_pattern_value(config.alpha_pattern, path) or config.alpha)
-        layer.add(name, r, alpha, dropout=config.dropout, rslora=config.use_rslora, init=config.init)
+        a_init = config.init if config.init in INIT_SCHEMES else "kaiming"  # PiSSA/OLoRA overwrite A, B
+        layer.add(name, r, alpha, dropout=config.dropout, rslora=config.use_rslora, init=a_init)
+        lora_init.initialise(layer, name, config.init)
+        if isinstance(layer, dora.DoraLayer) and config.use_dora:
+            layer.enable_dora(name)  # after the init: m = ‖W₀ + s·BA‖ of the final factors
         if layer is not module:
             _set_module(model, path, layer)
     for path in _paths_to_save(model, config.modules_to_save):
@@ -241,6 +251,8 @@ def set_active(model: nn.Module, names: str | list[str]) -> None:
 
 
 def _adapter_params(layer: LoraLayer, name: str) -> list[nn.Parameter]:
+    if isinstance(layer, dora.DoraLayer):
+        return layer.adapter_parameters(name)
     a, b = layer.factors(name)
     return [a, b]  # type: ignore[list-item]
 
@@ -348,7 +360,8 @@ def parameter_report(model: nn.Module) -> dict[str, object]:
         if p.requires_grad:
             trainable += n
             module = pname.rsplit(".", 1)[0]
-            for tag in (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_B.", ".modules_to_save."):
+            for tag in (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_B.", ".lora_magnitude_vector.",
+                        ".modules_to_save."):
                 module = module.split(tag)[0]
             per_module[module] = per_module.get(module, 0) + n
     pct = 100.0 * trainable / total if total else 0.0

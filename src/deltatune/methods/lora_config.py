@@ -45,7 +45,15 @@ class LoraConfig:
     use_rslora: bool = field(default=False, metadata=_doc("Rank-stabilised scale alpha/sqrt(r) (Kalajdzievski 2023)."))
     init: str = field(
         default="kaiming",
-        metadata=_doc("A init scheme: 'kaiming' (PEFT default, Kaiming-uniform a=√5) or 'gaussian' (σ = 1/√k)."),
+        metadata=_doc(
+            "Init scheme: 'kaiming' (PEFT default, Kaiming-uniform a=√5) or 'gaussian' (σ = 1/√k) for A with "
+            "B = 0; or 'pissa' / 'pissa_niter_K' (top-r SVD of W₀, full or randomized with K iterations) or "
+            "'olora' (QR of W₀), which move that part of W₀ into A, B and leave the residual in the base."
+        ),
+    )
+    use_dora: bool = field(
+        default=False,
+        metadata=_doc("DoRA (Liu et al. 2024): W' = m·(W₀ + s·BA)/‖W₀ + s·BA‖_c with a trainable magnitude m."),
     )
     bias: str = field(default="none", metadata=_doc("Trainable biases: 'none', 'all', or 'lora_only'."))
     modules_to_save: list[str] = field(
