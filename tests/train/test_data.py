@@ -222,6 +222,27 @@ def test_multi_turn_chat_trains_every_assistant_turn(tok: Any) -> None:
     assert _trained_text(tok, tokenize_example(ex, tok, 512)) == "Paris.<|im_end|>\nMadrid.<|im_end|>\n"
 
 
+class _NoOffsets:
+    """A stand-in for a slow (Python) tokenizer: no offset mapping."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __call__(self, text: str, **kw: Any) -> Any:
+        if kw.get("return_offsets_mapping"):
+            raise NotImplementedError("return_offset_mapping is not available when using Python tokenizers")
+        return self._inner(text, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def test_slow_tokenizer_fallback_masks_the_same(tok: Any) -> None:
+    for rec in (ALPACA, CHAT):
+        ex = examples_from_records([("r", rec)]).examples[0]
+        assert tokenize_example(ex, _NoOffsets(tok), 512) == tokenize_example(ex, tok, 512)
+
+
 def test_text_trains_on_all_tokens_and_ends_with_eos(tok: Any) -> None:
     row = tokenize_example(Example("t", text="The quick brown fox."), tok, 512)
     assert row["labels"] == row["input_ids"] and row["input_ids"][-1] == tok.eos_token_id

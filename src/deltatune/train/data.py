@@ -383,7 +383,7 @@ def _assistant_char_spans(
 
 
 def _token_mask(
-    tokenizer: PreTrainedTokenizerBase, text: str, spans: list[tuple[int, int]]
+    tokenizer: PreTrainedTokenizerBase, text: str, spans: list[tuple[int, int]], source: str
 ) -> tuple[list[int], list[bool]]:
     """Token ids of ``text`` and, per token, whether its first character lies in a span."""
     try:
@@ -397,7 +397,8 @@ def _token_mask(
             lo, hi = (len(tokenizer(text[:c], add_special_tokens=False)["input_ids"]) for c in (s, e))
             if ids[:hi] != list(tokenizer(text[:e], add_special_tokens=False)["input_ids"]):
                 raise DataError(
-                    "the tokenizer merges across the prompt/answer boundary; set data.completion_only_loss=false"
+                    f"{source}: the tokenizer merges tokens across the prompt/answer boundary, so the answer "
+                    "cannot be masked exactly; set data.completion_only_loss=false"
                 ) from None
             mask[lo:hi] = [True] * (hi - lo)
         return ids, mask
@@ -426,7 +427,7 @@ def tokenize_example(
             )
         full = _render(tokenizer, ex.messages, gen_prompt=False)
         if completion_only_loss:
-            ids, mask = _token_mask(tokenizer, full, _assistant_char_spans(tokenizer, ex, full))
+            ids, mask = _token_mask(tokenizer, full, _assistant_char_spans(tokenizer, ex, full), ex.source)
             labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
         else:
             ids = list(tokenizer(full, add_special_tokens=False)["input_ids"])
