@@ -30,6 +30,7 @@ from .inject import (
     lora_layers,
     set_active,
 )
+from .methods import dora, lora_init
 from .methods.lora import LoraLayer, base_shape, supported_base
 from .methods.lora_config import LoraConfig
 
@@ -137,7 +138,7 @@ def _peft_config(model: nn.Module, cfg: LoraConfig, ranks: dict[str, int], alpha
         "alpha_pattern": {re.escape(p): a for p, a in alphas.items() if a != cfg.alpha},
         # PEFT's flag for GPT-2 Conv1D weights (stored transposed); it sets it itself with a warning.
         "fan_in_fan_out": bool(kinds) and all(k == "conv1d" for k in kinds),
-        "use_dora": False,
+        "use_dora": cfg.use_dora,
     }
 
 
@@ -149,7 +150,9 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     for path, layer in lora_layers(model):
         if name not in layer.adapters:
             continue
-        a, b = layer.factors(name)
+        a, b = lora_init.saved_factors(layer, name)  # PiSSA/OLoRA: rank 2r, relative to the original base
+        for suffix, t in dora.file_tensors(layer, name).items():
+            out[f"{PREFIX}{path}.{suffix}"] = t
         if layer.kind == "embedding":
             out[f"{PREFIX}{path}.lora_embedding_A"] = a
             out[f"{PREFIX}{path}.lora_embedding_B"] = b
@@ -184,6 +187,7 @@ def save_adapter(model: nn.Module, path: str | Path, name: str | None = None) ->
         return other.save_peft(model, Path(path), name)  # type: ignore[no-any-return]
     ranks = {p: layer.adapters[name].r for p, layer in lora_layers(model) if name in layer.adapters}
     alphas = {p: layer.adapters[name].alpha for p, layer in lora_layers(model) if name in layer.adapters}
+    cfg, ranks, alphas = lora_init.saved_config(cfg, ranks, alphas)
     tensors = adapter_tensors(model, name)
     # Tied/shared storage would make safetensors refuse to save; clone to own storage.
     tensors = {k: v.clone() for k, v in tensors.items()}
@@ -258,7 +262,9 @@ def read_adapter_info(path: str | Path) -> AdapterFile:
 
 # Methods other than LoRA translate their own files: peft_type → the module that defines
 # ``save_peft(model, path, name)`` and ``load_peft(model, adapter_file, name, *, trainable, activate)``.
-_METHOD_FILES = {"VERA": "deltatune.methods.vera", "ADALORA": "deltatune.methods.adalora"}
+_METHOD_FILES = {"VERA": "deltatune.methods.vera", "ADALORA": "deltatune.methods.adalora",
+                 "PROMPT_TUNING": "deltatune.methods.prompts", "PREFIX_TUNING": "deltatune.methods.prompts",
+                 "DELTATUNE_BOTTLENECK": "deltatune.methods.bottleneck"}
 
 
 def _method_files(peft_type: str) -> Any:
@@ -281,9 +287,10 @@ def _lora_config_from_peft(cfg: dict[str, Any], targets: list[str], where: Path)
     peft_type = cfg.get("peft_type", "LORA")
     if peft_type != "LORA":
         raise AdapterFileError(f"{where / CONFIG_NAME}: peft_type={peft_type!r}; this loader reads LORA adapters")
-    if cfg.get("use_dora"):
-        raise AdapterFileError(f"{where / CONFIG_NAME}: use_dora=true (DoRA) is not supported by the LoRA loader")
-    init = cfg.get("deltatune_init", "kaiming")
+    init = cfg.get("deltatune_init")
+    if init is None and isinstance(cfg.get("init_lora_weights"), str):
+        # A PEFT file saved without conversion ('pissa', 'olora'): the init re-runs on the base first.
+        init = cfg["init_lora_weights"]
     return LoraConfig(
         r=int(cfg.get("r", 8)),
         alpha=float(cfg.get("lora_alpha", 8)),
@@ -292,7 +299,8 @@ def _lora_config_from_peft(cfg: dict[str, Any], targets: list[str], where: Path)
         rank_pattern={str(k): int(v) for k, v in (cfg.get("rank_pattern") or {}).items()},
         alpha_pattern={str(k): float(v) for k, v in (cfg.get("alpha_pattern") or {}).items()},
         use_rslora=bool(cfg.get("use_rslora", False)),
-        init=init if init in ("kaiming", "gaussian") else "kaiming",
+        init=init if isinstance(init, str) and lora_init.is_known(init) else "kaiming",
+        use_dora=bool(cfg.get("use_dora", False)),
         bias=str(cfg.get("bias", "none")),
         modules_to_save=list(cfg.get("modules_to_save") or []),
     )
@@ -319,12 +327,14 @@ def load_adapter(model: nn.Module, path: str | Path, name: str | None = None, *,
 
     factors: dict[str, dict[str, torch.Tensor]] = {}
     extra: dict[str, torch.Tensor] = {}  # biases, modules_to_save, saved base embeddings
+    magnitudes: dict[str, torch.Tensor] = {}  # DoRA: module path → m (d,)
     for key, t in f.tensors.items():
         module_path, part = _split_key(key)
         if part:
             factors.setdefault(module_path, {})[part] = t
-        elif key.endswith("lora_magnitude_vector") or ".lora_magnitude_vector." in key:
-            raise AdapterFileError(f"{f.directory / WEIGHTS_NAME}: {key} is a DoRA magnitude; not a plain LoRA file")
+        elif key.endswith("." + dora.MAGNITUDE_KEY):
+            body = key[len(PREFIX):] if key.startswith(PREFIX) else key
+            magnitudes[body[: -len(dora.MAGNITUDE_KEY) - 1]] = t
         else:
             # PEFT writes biases/saved embeddings of wrapped layers as '<path>.base_layer.<param>'.
             body = key[len(PREFIX):] if key.startswith(PREFIX) else key
@@ -333,6 +343,9 @@ def load_adapter(model: nn.Module, path: str | Path, name: str | None = None, *,
         raise AdapterFileError(f"{f.directory / WEIGHTS_NAME}: holds no LoRA tensors (keys: {sorted(f.tensors)[:5]} …)")
 
     cfg = _lora_config_from_peft(f.config, sorted(factors), f.directory)
+    if set(magnitudes) - (set(factors) if cfg.use_dora else set()):
+        raise AdapterFileError(f"{f.directory / WEIGHTS_NAME}: DoRA magnitudes for {sorted(set(magnitudes) - set(factors))[:3]} "
+                               f"but use_dora={cfg.use_dora} and LoRA factors for {sorted(factors)[:3]} …")
     modules = dict(model.named_modules())
     order = {n: i for i, n in enumerate(modules)}
     for mpath in sorted(factors, key=lambda p: order.get(p, -1)):
@@ -361,6 +374,10 @@ def load_adapter(model: nn.Module, path: str | Path, name: str | None = None, *,
         r_cfg = int(_pattern_value(cfg.rank_pattern, mpath) or cfg.r)
         if r_file != r_cfg:
             raise AdapterFileError(f"{f.directory}: module {mpath!r} has rank {r_file} in the file but the config says {r_cfg}")
+        if cfg.use_dora and tuple(magnitudes.get(mpath, torch.empty(0)).shape) != (base_shape(base)[1],):
+            got_m = list(magnitudes[mpath].shape) if mpath in magnitudes else "none"
+            raise AdapterFileError(f"{f.directory}: module {mpath!r}: DoRA magnitude shape {got_m}, the model needs "
+                                   f"[{base_shape(base)[1]}] (use_dora=true)")
     for key, t in extra.items():
         target = _find_param(model, key)
         if target is None:
@@ -384,6 +401,8 @@ def load_adapter(model: nn.Module, path: str | Path, name: str | None = None, *,
                 a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if layer.kind == "embedding" else ("lora_A", "lora_B")
                 a.copy_(parts[a_key])
                 b.copy_(parts[b_key])
+                if cfg.use_dora:
+                    dora.load_magnitude(layer, name, magnitudes[mpath])
             for key, t in extra.items():
                 _load_extra(model, key, t, name)
     except Exception:
@@ -396,7 +415,7 @@ def load_adapter(model: nn.Module, path: str | Path, name: str | None = None, *,
     if not trainable:
         for _, layer in lora_layers(model):
             if name in layer.adapters:
-                for p in layer.factors(name):
+                for p in layer.adapter_parameters(name) if isinstance(layer, dora.DoraLayer) else layer.factors(name):
                     p.requires_grad_(False)
         for m in model.modules():
             if isinstance(m, ModulesToSave) and name in m.modules_to_save:
