@@ -1,8 +1,10 @@
 """4-bit (NF4/FP4) weight storage for QLoRA, byte-compatible with bitsandbytes.
 
+``linear4bit``: ``Linear4bit`` (frozen 4-bit layer), ``quantize_model``, ``model_storage_report``.
 ``nf4``: pure functions ``quantize_4bit(w) -> (packed, state)`` / ``dequantize_4bit(packed, state)``.
 """
 
+from .linear4bit import Linear4bit, model_storage_report, quantize_model
 from .nf4 import (
     QuantState4bit,
     dequantize_4bit,
@@ -15,6 +17,9 @@ from .nf4 import (
 )
 
 __all__ = [
+    "Linear4bit",
+    "model_storage_report",
+    "quantize_model",
     "QuantState4bit",
     "dequantize_4bit",
     "dequantize_fp4",
