@@ -101,12 +101,41 @@ def _apply_partial(model: nn.Module, cfg: Any) -> nn.Module:
     return model
 
 
+def _apply_bottleneck(model: nn.Module, cfg: Any) -> nn.Module:
+    from .methods import bottleneck
+
+    return bottleneck.inject(model, cfg.bottleneck)
+
+
+def _prompt_apply(kind: str, projection: bool | None) -> Callable[[nn.Module, Any], nn.Module]:
+    """The three prompt methods share the ``prompt:`` section; the method picks the seam (and P-Tuning v2
+    is prefix tuning without the MLP reparameterisation)."""
+
+    def apply(model: nn.Module, cfg: Any) -> nn.Module:
+        import dataclasses
+
+        from .methods import prompts
+
+        fixed: dict[str, Any] = {"kind": kind} if projection is None else {"kind": kind, "projection": projection}
+        return prompts.inject(model, dataclasses.replace(cfg.prompt, **fixed))
+
+    return apply
+
+
 METHODS: dict[str, Method] = {
     "lora": Method("lora", "LoRA: (α/r)·B(A·x) on the target linears; trains r(d+k) per layer", _apply_lora, "adapter"),
     "qlora": Method("qlora", "QLoRA: LoRA over an NF4 (double-quantized) frozen base", _apply_qlora, "adapter"),
     "full": Method("full", "full fine-tuning: every parameter", _apply_full, "model"),
     "head": Method("head", "feature extraction: only the output head (untied from the embeddings)", _apply_head, "model"),
     "partial": Method("partial", "partial fine-tuning: the top N blocks and named modules", _apply_partial, "model"),
+    "bottleneck": Method("bottleneck", "bottleneck adapters (Houlsby/Pfeiffer): h + W_up·f(W_down·h + b_down) + b_up after "
+                         "attention and/or the FFN; trains 2dr + r + d per site", _apply_bottleneck, "adapter"),
+    "prompt_tuning": Method("prompt_tuning", "prompt tuning: k trainable vectors prepended to the input embeddings; "
+                            "trains k·d", _prompt_apply("prompt", False), "adapter"),
+    "prefix_tuning": Method("prefix_tuning", "prefix tuning: trainable keys/values at every layer (optionally from an "
+                            "MLP, folded when saved); trains l·L·2·d_kv", _prompt_apply("prefix", None), "adapter"),
+    "p_tuning_v2": Method("p_tuning_v2", "P-Tuning v2: a deep prompt at every layer, as key/value prefixes without "
+                          "reparameterisation; trains l·L·2·d_kv", _prompt_apply("prefix", False), "adapter"),
 }
 
 

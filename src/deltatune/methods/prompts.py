@@ -94,8 +94,6 @@ class PromptConfig:
             raise ValueError(f"prompt.init must be 'auto', 'vocab', 'text' or 'random', got {self.init!r}")
         if self.init == "text" and not self.init_text:
             raise ValueError("prompt.init='text' needs prompt.init_text")
-        if self.projection and self.kind != "prefix":
-            raise ValueError("prompt.projection applies to prefix tuning only (kind='prefix')")
         if self.projection and self.init in ("vocab", "text"):
             raise ValueError("prompt.init='vocab'/'text' sets the prefix itself; with projection=true the prefix "
                              "comes from an MLP: use init='random' (or 'auto')")
@@ -379,6 +377,9 @@ def inject(model: nn.Module, config: PromptConfig, name: str = "default", *, tok
     the only trainable parameters. ``tokenizer`` is used for ``init='text'``."""
     if name in _state(model).configs:
         raise ValueError(f"adapter {name!r} already exists; pick another name")
+    if config.projection and config.kind != "prefix":
+        # Checked here, not in PromptConfig: `deltatune train` sets kind from the method after parsing.
+        raise ValueError("prompt.projection applies to prefix tuning only (kind='prefix')")
     dims = model_dims(model)
     rows = _init_rows(model, config, dims, tokenizer)
     return _add(model, config, name, PromptEncoder(config, dims, rows))

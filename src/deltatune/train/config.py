@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from deltatune.methods.bottleneck import BottleneckConfig
 from deltatune.methods.lora_config import LoraConfig
+from deltatune.methods.prompts import PromptConfig
 
 __all__ = [
     "TRAIN_METHODS",
@@ -26,7 +28,8 @@ __all__ = [
 
 # The methods `deltatune train` accepts. One constant on purpose: it is the seam where the method
 # registry (deltatune.registry) will take over.
-TRAIN_METHODS: tuple[str, ...] = ("lora", "qlora", "full", "head", "partial")
+TRAIN_METHODS: tuple[str, ...] = ("lora", "qlora", "full", "head", "partial",
+                                  "bottleneck", "prompt_tuning", "prefix_tuning", "p_tuning_v2")
 
 _TIMESTAMP = "{timestamp}"
 
@@ -257,6 +260,13 @@ class TrainConfig:
     partial: PartialConfig = field(
         default_factory=PartialConfig, metadata=_doc("Settings for method 'partial'.")
     )
+    bottleneck: BottleneckConfig = field(
+        default_factory=BottleneckConfig, metadata=_doc("Bottleneck adapter settings (method 'bottleneck').")
+    )
+    prompt: PromptConfig = field(
+        default_factory=PromptConfig,
+        metadata=_doc("Virtual-token settings (methods 'prompt_tuning', 'prefix_tuning', 'p_tuning_v2')."),
+    )
     data: DataConfig = field(default_factory=DataConfig, metadata=_doc("Training and evaluation data."))
     train: LoopConfig = field(default_factory=LoopConfig, metadata=_doc("Optimizer, schedule and loop."))
     eval: EvalConfig = field(default_factory=EvalConfig, metadata=_doc("Generation-based evaluation."))
@@ -287,6 +297,16 @@ class TrainConfig:
             not (self.method == "partial" and self.partial.top_n_layers == 0 and not self.partial.modules),
             "method 'partial' with partial.top_n_layers=0 and no partial.modules would train nothing: "
             "set top_n_layers > 0 or list modules",
+        )
+        _check(
+            not (self.method in ("prompt_tuning", "p_tuning_v2") and self.prompt.projection),
+            f"prompt.projection=true is prefix tuning's MLP reparameterisation; method {self.method!r} has none: "
+            "use method 'prefix_tuning' or set prompt.projection=false",
+        )
+        _check(
+            not (self.method in ("prefix_tuning", "p_tuning_v2") and self.train.gradient_checkpointing),
+            f"method {self.method!r} cannot use train.gradient_checkpointing (checkpointed layers drop the KV "
+            "cache that carries the prefix): set it to false",
         )
 
     def resolve_output_dir(self, now: _dt.datetime | None = None) -> Path:
