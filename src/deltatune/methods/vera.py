@@ -381,10 +381,10 @@ def load_peft(model: nn.Module, f: AdapterFile, name: str, *, trainable: bool = 
                                            f"{list(got) if got else 'missing'} but the model needs {list(want)}")
     need: dict[str, tuple[int, ...]] = {_A_FILE: (cfg.r, max(k for k, _ in dims)),
                                         _B_FILE: (max(d for _, d in dims), cfg.r)}
-    for key, want in need.items():
-        if key in f.tensors and tuple(f.tensors[key].shape) != want:
+    for key, shape in need.items():
+        if key in f.tensors and tuple(f.tensors[key].shape) != shape:
             raise AdapterMismatchError(f"{f.directory}: {key} has shape {list(f.tensors[key].shape)} but the "
-                                       f"adapted modules need {list(want)}")
+                                       f"adapted modules need {list(shape)}")
     if (_A_FILE in f.tensors) != (_B_FILE in f.tensors):
         raise AdapterFileError(f"{where}: holds only one of {_A_FILE} / {_B_FILE}")
     if f.fingerprint:
