@@ -190,12 +190,14 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Mo
         if isinstance(layer, dora.DoraLayer) and config.use_dora:
             layer.enable_dora(name)  # after the init: m = ‖W₀ + s·BA‖ of the final factors
         if layer is not module:
+            layer.train(module.training)  # a new nn.Module starts in train mode; follow the model's
             _set_module(model, path, layer)
     for path in _paths_to_save(model, config.modules_to_save):
         module = model.get_submodule(path)
         wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
         wrapper.add(name)
         if wrapper is not module:
+            wrapper.train(module.training)
             _set_module(model, path, wrapper)
     state.configs[name] = config
     model.deltatune_state = state  # type: ignore[assignment]

@@ -315,3 +315,10 @@ def test_parameter_report_counts() -> None:
     assert rep["total"] == total + want
     assert rep["line"] == f"trainable params: {want:,d} || all params: {total + want:,d} || trainable%: {100 * want / (total + want):.4f}"
     assert sum(rep["per_module"].values()) == want
+
+
+def test_injected_layers_follow_model_eval_mode() -> None:
+    model = tiny_llama()  # eval mode
+    deltatune.inject(model, LoraConfig(r=4, dropout=0.5, target_modules="all-linear"))
+    randomize_b(model)
+    torch.testing.assert_close(model(IDS).logits, model(IDS).logits, rtol=0, atol=0)
