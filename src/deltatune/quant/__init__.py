@@ -1,6 +1,7 @@
 """4-bit (NF4/FP4) weight storage for QLoRA, byte-compatible with bitsandbytes.
 
 ``linear4bit``: ``Linear4bit`` (frozen 4-bit layer), ``quantize_model``, ``model_storage_report``.
+``optim8bit``: ``AdamW8bit`` (8-bit blockwise states), ``PagedAdamW`` (CUDA: bitsandbytes).
 ``nf4``: pure functions ``quantize_4bit(w) -> (packed, state)`` / ``dequantize_4bit(packed, state)``.
 """
 
@@ -15,8 +16,12 @@ from .nf4 import (
     quantize_nf4,
     storage_bits_per_param,
 )
+from .optim8bit import AdamW8bit, PagedAdamW, optimizer_state_bytes
 
 __all__ = [
+    "AdamW8bit",
+    "PagedAdamW",
+    "optimizer_state_bytes",
     "Linear4bit",
     "model_storage_report",
     "quantize_model",
