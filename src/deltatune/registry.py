@@ -41,6 +41,18 @@ def _apply_qlora(model: nn.Module, cfg: Any) -> nn.Module:
     return inject(model, cfg.lora)
 
 
+def _apply_vera(model: nn.Module, cfg: Any) -> nn.Module:
+    from .methods.vera import inject_vera
+
+    return inject_vera(model, cfg.vera)
+
+
+def _apply_adalora(model: nn.Module, cfg: Any) -> nn.Module:
+    from .methods import adalora
+
+    return adalora.apply(model, cfg)  # attaches the rank allocator and the orthogonality regulariser
+
+
 def _apply_full(model: nn.Module, cfg: Any) -> nn.Module:
     model.requires_grad_(True)
     return model
@@ -125,6 +137,10 @@ def _prompt_apply(kind: str, projection: bool | None) -> Callable[[nn.Module, An
 METHODS: dict[str, Method] = {
     "lora": Method("lora", "LoRA: (α/r)·B(A·x) on the target linears; trains r(d+k) per layer", _apply_lora, "adapter"),
     "qlora": Method("qlora", "QLoRA: LoRA over an NF4 (double-quantized) frozen base", _apply_qlora, "adapter"),
+    "vera": Method("vera", "VeRA: Λ_b·B·Λ_d·A·x, A and B frozen, random, shared by all layers; trains d_out + r per layer",
+                   _apply_vera, "adapter"),
+    "adalora": Method("adalora", "AdaLoRA: P·Λ·Q·x with the rank pruned by importance to an average target_r; "
+                      "trains r(d+k+1) per layer", _apply_adalora, "adapter"),
     "full": Method("full", "full fine-tuning: every parameter", _apply_full, "model"),
     "head": Method("head", "feature extraction: only the output head (untied from the embeddings)", _apply_head, "model"),
     "partial": Method("partial", "partial fine-tuning: the top N blocks and named modules", _apply_partial, "model"),

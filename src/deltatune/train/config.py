@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from deltatune.methods.adalora import AdaLoraConfig
 from deltatune.methods.bottleneck import BottleneckConfig
 from deltatune.methods.lora_config import LoraConfig
 from deltatune.methods.prompts import PromptConfig
+from deltatune.methods.vera import VeraConfig
 
 __all__ = [
     "TRAIN_METHODS",
@@ -28,7 +30,7 @@ __all__ = [
 
 # The methods `deltatune train` accepts. One constant on purpose: it is the seam where the method
 # registry (deltatune.registry) will take over.
-TRAIN_METHODS: tuple[str, ...] = ("lora", "qlora", "full", "head", "partial",
+TRAIN_METHODS: tuple[str, ...] = ("lora", "qlora", "vera", "adalora", "full", "head", "partial",
                                   "bottleneck", "prompt_tuning", "prefix_tuning", "p_tuning_v2")
 
 _TIMESTAMP = "{timestamp}"
@@ -266,6 +268,10 @@ class TrainConfig:
     prompt: PromptConfig = field(
         default_factory=PromptConfig,
         metadata=_doc("Virtual-token settings (methods 'prompt_tuning', 'prefix_tuning', 'p_tuning_v2')."),
+    )
+    vera: VeraConfig = field(default_factory=VeraConfig, metadata=_doc("VeRA settings (method 'vera')."))
+    adalora: AdaLoraConfig = field(
+        default_factory=AdaLoraConfig, metadata=_doc("AdaLoRA settings (method 'adalora').")
     )
     data: DataConfig = field(default_factory=DataConfig, metadata=_doc("Training and evaluation data."))
     train: LoopConfig = field(default_factory=LoopConfig, metadata=_doc("Optimizer, schedule and loop."))
