@@ -539,7 +539,7 @@ def _dequant_cpu_full(pk: Tensor, absmax: Tensor, quant_type: str, bs: int, out:
     """
     lut = _quad_lut(quant_type)
     m = out.numel()
-    words = pk.view(torch.int16)  # (m/4,)
+    words = pk.view(torch.uint16)  # (m/4,) little-endian 16-bit words, copied to int32 unsigned
     step = max(bs, (_CHUNK // bs) * bs)
     idx = torch.empty(step // 4, dtype=torch.int32)
     vals = torch.empty(step // 4, dtype=torch.complex128)
@@ -548,7 +548,7 @@ def _dequant_cpu_full(pk: Tensor, absmax: Tensor, quant_type: str, bs: int, out:
         stop = min(start + step, m)
         k = (stop - start) // 4
         ib, vb = idx[:k], vals[:k]
-        ib.copy_(words[start // 4 : stop // 4]).bitwise_and_(0xFFFF)
+        ib.copy_(words[start // 4 : stop // 4])
         torch.index_select(lut, 0, ib, out=vb)
         v = vb.view(torch.float32).view(-1, bs)  # (nb, bs) code values
         a = absmax[start // bs : stop // bs].unsqueeze(1)
