@@ -32,6 +32,14 @@ def _apply_lora(model: nn.Module, cfg: Any) -> nn.Module:
     return inject(model, cfg.lora)
 
 
+def _apply_dora(model: nn.Module, cfg: Any) -> nn.Module:
+    import dataclasses
+
+    from .inject import inject
+
+    return inject(model, dataclasses.replace(cfg.lora, use_dora=True))
+
+
 def _apply_qlora(model: nn.Module, cfg: Any) -> nn.Module:
     from .inject import inject
     from .quant.linear4bit import quantize_model
@@ -137,6 +145,8 @@ def _prompt_apply(kind: str, projection: bool | None) -> Callable[[nn.Module, An
 METHODS: dict[str, Method] = {
     "lora": Method("lora", "LoRA: (α/r)·B(A·x) on the target linears; trains r(d+k) per layer", _apply_lora, "adapter"),
     "qlora": Method("qlora", "QLoRA: LoRA over an NF4 (double-quantized) frozen base", _apply_qlora, "adapter"),
+    "dora": Method("dora", "DoRA: m·(W₀ + (α/r)·BA)/‖W₀ + (α/r)·BA‖_c · x − W₀x (the lora: section); trains r(d+k) + d "
+                   "per layer", _apply_dora, "adapter"),
     "vera": Method("vera", "VeRA: Λ_b·B·Λ_d·A·x, A and B frozen, random, shared by all layers; trains d_out + r per layer",
                    _apply_vera, "adapter"),
     "adalora": Method("adalora", "AdaLoRA: P·Λ·Q·x with the rank pruned by importance to an average target_r; "

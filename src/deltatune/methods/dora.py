@@ -103,7 +103,7 @@ class DoraLayer(LoraLayer):
 
     def _dense_base(self) -> torch.Tensor:
         """The base weight in its own layout and a float dtype (a quantized base must offer dequantize())."""
-        dequantize = getattr(self.base_layer, "dequantize", None)
+        dequantize = getattr(self.base_layer, "dequantized_weight", None)  # quant.Linear4bit (QDoRA)
         w = dequantize() if callable(dequantize) else self.base_weight()
         if not w.is_floating_point():
             raise TypeError(f"DoRA needs a floating-point base weight; {type(self.base_layer).__name__} holds {w.dtype}")

@@ -30,7 +30,7 @@ __all__ = [
 
 # The methods `deltatune train` accepts. One constant on purpose: it is the seam where the method
 # registry (deltatune.registry) will take over.
-TRAIN_METHODS: tuple[str, ...] = ("lora", "qlora", "vera", "adalora", "full", "head", "partial",
+TRAIN_METHODS: tuple[str, ...] = ("lora", "qlora", "dora", "vera", "adalora", "full", "head", "partial",
                                   "bottleneck", "prompt_tuning", "prefix_tuning", "p_tuning_v2")
 
 _TIMESTAMP = "{timestamp}"
@@ -184,6 +184,10 @@ class LoopConfig:
     optimizer: Literal["adamw", "adamw8bit"] = field(
         default="adamw", metadata=_doc("'adamw' (torch) or 'adamw8bit' (blockwise 8-bit optimizer states).")
     )
+    loraplus_ratio: float = field(
+        default=0.0,
+        metadata=_doc("LoRA+ (Hayou et al. 2024): B's learning rate is lr × this ratio (16 in the paper); 0 = off."),
+    )
     seed: int = field(default=0, metadata=_doc("Seed for initialisation, dropout and the batch order."))
     eval_every: int = field(
         default=0, metadata=_doc("Evaluate every N optimizer steps; 0 = at the end only.")
@@ -201,6 +205,7 @@ class LoopConfig:
             f"train.betas must both be in [0, 1), got {list(self.betas)}",
         )
         _check(self.eps > 0, f"train.eps must be > 0, got {self.eps}")
+        _check(self.loraplus_ratio >= 0, f"train.loraplus_ratio must be >= 0 (0 = off), got {self.loraplus_ratio}")
         _check(
             0.0 <= self.warmup_ratio < 1.0, f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}"
         )

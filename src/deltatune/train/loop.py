@@ -367,6 +367,10 @@ def _make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
+    if cfg.train.loraplus_ratio > 0:
+        from ..methods.loraplus import loraplus_param_groups
+
+        groups = loraplus_param_groups(model, cfg.train.lr, cfg.train.loraplus_ratio, cfg.train.weight_decay)
     kw: dict[str, Any] = {"lr": cfg.train.lr, "betas": tuple(cfg.train.betas), "eps": cfg.train.eps}
     if cfg.train.optimizer == "adamw8bit":
         from ..quant.optim8bit import AdamW8bit
