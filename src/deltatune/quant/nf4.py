@@ -203,6 +203,15 @@ def _grid(quant_type: str) -> _Grid:
     return _Grid(half=k / 2.0, base=lo.to(torch.int32), thr=thr, step=step, sorted_codes=is_sorted)
 
 
+@cache
+def _grid_on(quant_type: str, device: str) -> _Grid:
+    """The cell tables of :func:`_grid` on ``device`` (cached: no host copies per chunk)."""
+    g = _grid(quant_type)
+    if device == "cpu":
+        return g
+    return _Grid(g.half, g.base.to(device), g.thr.to(device), g.step.to(device), g.sorted_codes)
+
+
 def _codes_of_scaled(s: Tensor, grid: _Grid, out: Tensor) -> None:
     """Write into int32 ``out`` the 4-bit code of each fp32 value in ``s`` (both (m,))."""
     cell = torch.mul(s, grid.half).add_(grid.half).to(torch.int32)  # trunc toward 0; s ≥ -1-ε
@@ -402,7 +411,7 @@ def quantize_4bit(
         raise ValueError(f"block_size must be one of {VALID_BLOCK_SIZES}, got {block_size}")
     if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"4-bit quantization needs fp32/bf16/fp16 input, got {weight.dtype}")
-    grid = _grid(quant_type)
+    grid = _grid_on(quant_type, str(weight.device))
     flat = weight.detach().reshape(-1)
     n = flat.numel()
     n_blocks = -(-n // block_size)
