@@ -140,9 +140,15 @@ class BottleneckLayer(nn.Module):
         self.activation.pop(name)
         self.active = [n for n in self.active if n != name]
 
+    def linears(self, name: str) -> tuple[nn.Linear, nn.Linear]:
+        """(down, up) of adapter ``name``."""
+        down, up = self.down[name], self.up[name]
+        assert isinstance(down, nn.Linear) and isinstance(up, nn.Linear)
+        return down, up
+
     def delta(self, h: torch.Tensor, name: str) -> torch.Tensor:
         """W_up·f(W_down·h + b_down) + b_up, computed in h's dtype (casting the small weights, never h)."""
-        down, up = self.down[name], self.up[name]
+        down, up = self.linears(name)
         z = F.linear(h, down.weight.to(h.dtype), down.bias.to(h.dtype))  # (…, r)
         return F.linear(ACTIVATIONS[self.activation[name]](z), up.weight.to(h.dtype), up.bias.to(h.dtype))  # (…, d)
 
@@ -317,13 +323,14 @@ def save_peft(model: nn.Module, path: Path, name: str) -> Path:
     for p, layer in bottleneck_layers(model):
         if name in layer.down:
             paths.append((p, ""))
-            for part, lin in (("down", layer.down[name]), ("up", layer.up[name])):
+            for part, lin in zip(("down", "up"), layer.linears(name)):
                 tensors[f"{p}.{part}.weight"] = lin.weight.detach().float().cpu().contiguous().clone()
                 tensors[f"{p}.{part}.bias"] = lin.bias.detach().float().cpu().contiguous().clone()
     cfg = getattr(model, "config", None)
     meta = {"format": "pt", "deltatune_fingerprint": json.dumps(_fingerprint(model, paths))}
+    can_generate = getattr(model, "can_generate", None)
     out = {"peft_type": BottleneckConfig.PEFT_TYPE, "format_version": FORMAT_VERSION,
-           "task_type": "CAUSAL_LM" if callable(getattr(model, "can_generate", None)) and model.can_generate() else None,
+           "task_type": "CAUSAL_LM" if callable(can_generate) and can_generate() else None,
            "base_model_name_or_path": getattr(cfg, "_name_or_path", None) or None, **asdict(config)}
     path.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path / WEIGHTS_NAME, save(tensors, metadata=meta))
@@ -384,7 +391,7 @@ def load_peft(model: nn.Module, f: AdapterFile, name: str, *, trainable: bool = 
     with torch.no_grad():
         for p, layer in bottleneck_layers(model):
             if name in layer.down:
-                for part, lin in (("down", layer.down[name]), ("up", layer.up[name])):
+                for part, lin in zip(("down", "up"), layer.linears(name)):
                     lin.weight.copy_(f.tensors[f"{p}.{part}.weight"])
                     lin.bias.copy_(f.tensors[f"{p}.{part}.bias"])
     if not activate and previous:

@@ -199,6 +199,11 @@ class PromptSeam(nn.Module):
         self._arg_names: list[str] | None = None
         self._handles: list[Any] = []
 
+    def encoder(self, name: str) -> PromptEncoder:
+        enc = self.encoders[name]
+        assert isinstance(enc, PromptEncoder)
+        return enc
+
     def attach(self, backbone: nn.Module) -> None:
         # Bound methods (not closures) so copy.deepcopy(model) re-points the hooks at the copy's seam.
         self._handles = [backbone.register_forward_pre_hook(self._before, with_kwargs=True),
@@ -214,7 +219,7 @@ class PromptSeam(nn.Module):
         self._strip = 0
         if self.disabled or self.active is None:
             return None
-        enc = self.encoders[self.active]
+        enc = self.encoder(self.active)
         if self._arg_names is None:
             self._arg_names = list(inspect.signature(backbone.forward).parameters)
         kw = dict(kwargs)
@@ -236,7 +241,7 @@ class PromptSeam(nn.Module):
         pos = kw.get("position_ids")
         if enc.kind == "prompt" and first:
             if embeds is None:
-                embeds = backbone.get_input_embeddings()(ids)  # type: ignore[operator]
+                embeds = _input_embeddings(backbone)(ids)
             prompt = enc().to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)  # (B, k, d)
             kw["input_ids"], kw["inputs_embeds"] = None, torch.cat([prompt, embeds], dim=1)  # (B, k + T, d)
             if pos is not None:
@@ -266,10 +271,8 @@ class PromptSeam(nn.Module):
                              "drop the KV cache that carries the prefix); set train.gradient_checkpointing=false")
         if cache is None:
             cache = DynamicCache(config=getattr(backbone, "config", None))
-        emb = backbone.get_input_embeddings()
-        assert isinstance(emb, nn.Module)
         dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
-                 else emb.weight.dtype)  # the dtype the layers' own keys/values will have
+                 else _weight(_input_embeddings(backbone)).dtype)  # the dtype the layers' own keys/values will have
         for i, (k, v) in enumerate(prefix_key_values(enc().to(dtype), self.dims, batch)):
             cache.update(k, v, i)  # (B, H_kv, l, d_h) each; the layers append their own after it
         return cache
@@ -290,6 +293,19 @@ class PromptSeam(nn.Module):
 
 
 # ---------------------------------------------------------------------------------- management
+def _input_embeddings(backbone: nn.Module) -> nn.Module:
+    emb = getattr(backbone, "get_input_embeddings")()  # noqa: B009 - nn.Module's typing hides HF methods
+    if not isinstance(emb, nn.Module):
+        raise TypeError(f"{type(backbone).__name__}.get_input_embeddings() returned {type(emb).__name__}")
+    return emb
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    w = module.weight
+    assert isinstance(w, torch.Tensor)
+    return w
+
+
 def _backbone(model: nn.Module) -> nn.Module:
     base = getattr(model, "base_model", None)
     return base if isinstance(base, nn.Module) else model
@@ -315,7 +331,7 @@ def _cycle(ids: list[int], n: int) -> list[int]:
 
 
 def _init_ids(model: nn.Module, config: PromptConfig, tokenizer: Any) -> torch.Tensor:
-    emb = _backbone(model).get_input_embeddings()
+    emb = _input_embeddings(_backbone(model))
     assert isinstance(emb, nn.Embedding)
     n = config.num_virtual_tokens
     if config.resolved_init() == "vocab":
@@ -341,7 +357,7 @@ def _init_rows(model: nn.Module, config: PromptConfig, dims: ModelDims, tokenize
     ids = _init_ids(model, config, tokenizer)
     backbone = _backbone(model)
     if config.kind == "prompt":
-        return backbone.get_input_embeddings()(ids).float()  # type: ignore[operator]
+        return _input_embeddings(backbone)(ids).float()
     was = backbone.training
     backbone.eval()  # no dropout in the activations we copy
     try:
@@ -363,9 +379,7 @@ def _add(model: nn.Module, config: PromptConfig, name: str, encoder: PromptEncod
         seam = PromptSeam(model_dims(model))
         seam.attach(_backbone(model))
         setattr(model, SEAM_ATTR, seam)
-    emb = _backbone(model).get_input_embeddings()
-    assert isinstance(emb, nn.Module)
-    seam.encoders[name] = encoder.to(emb.weight.device)
+    seam.encoders[name] = encoder.to(_weight(_input_embeddings(_backbone(model))).device)
     state.configs[name] = config
     model.deltatune_state = state  # type: ignore[assignment]
     set_active(model, name)
@@ -428,6 +442,7 @@ def delete(model: nn.Module, name: str) -> None:
 
 # ---------------------------------------------------------------------------------- files (PEFT layout)
 _PEFT_TYPE = {"prompt": "PROMPT_TUNING", "prefix": "PREFIX_TUNING"}
+_KIND_OF: dict[str, Literal["prompt", "prefix"]] = {"PROMPT_TUNING": "prompt", "PREFIX_TUNING": "prefix"}
 
 
 def _task_type(model: nn.Module) -> str | None:
@@ -444,11 +459,10 @@ def _fingerprint(model: nn.Module, dims: ModelDims) -> dict[str, Any]:
     from ..io import _weight_checksum
 
     cfg = getattr(model, "config", None)
-    emb = _backbone(model).get_input_embeddings()
-    assert isinstance(emb, nn.Module)
+    emb = _input_embeddings(_backbone(model))
     return {"architecture": (getattr(cfg, "architectures", None) or [type(model).__name__])[0],
             "model_type": getattr(cfg, "model_type", None), "dims": dims.__dict__,
-            "embedding_checksum": _weight_checksum(emb.weight)}
+            "embedding_checksum": _weight_checksum(_weight(emb))}
 
 
 def save_peft(model: nn.Module, path: Path, name: str) -> Path:
@@ -483,7 +497,7 @@ def save_peft(model: nn.Module, path: Path, name: str) -> Path:
                    prefix_projection=config.projection, init_weights=None)
     meta = {"format": "pt", "deltatune_init": init, "deltatune_fingerprint": json.dumps(_fingerprint(model, dims))}
     path.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path / WEIGHTS_NAME, save({"prompt_embeddings": seam.encoders[name].folded()}, metadata=meta))
+    atomic_write_bytes(path / WEIGHTS_NAME, save({"prompt_embeddings": seam.encoder(name).folded()}, metadata=meta))
     atomic_write_bytes(path / CONFIG_NAME, (json.dumps(out, indent=2, sort_keys=True) + "\n").encode())
     return path
 
@@ -495,7 +509,7 @@ def load_peft(model: nn.Module, f: AdapterFile, name: str, *, trainable: bool = 
 
     cfg = f.config
     where = f.directory / CONFIG_NAME
-    kind = {v: k for k, v in _PEFT_TYPE.items()}.get(str(cfg.get("peft_type")))
+    kind = _KIND_OF.get(str(cfg.get("peft_type")))
     if kind is None:
         raise AdapterFileError(f"{where}: peft_type={cfg.get('peft_type')!r} is not a prompt method")
     state = _state(model)
