@@ -162,6 +162,31 @@ def test_masking_only_every_delta_t_steps() -> None:
             assert n == 16  # unmasked steps: every λ is non-zero again after Adam's update
 
 
+def test_allocator_state_round_trip_resumes_identically() -> None:
+    from deltatune.methods.adalora import RankAllocator
+
+    cfg = AdaLoraConfig(init_r=4, target_r=1, tinit=1, tfinal=2, target_modules=["q_proj", "v_proj"])
+    models = [inject_adalora(tiny_llama(), cfg, total_step=8) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in models]
+    gens = [torch.Generator().manual_seed(7) for _ in models]
+    for step in range(8):
+        if step == 5:  # model 1 "resumes": a fresh allocator restored from the old one's state
+            old = models[1].deltatune_rank_allocator
+            new = RankAllocator(adalora_layers(models[1]), old.config, 8)
+            new.load_state_dict(old.state_dict())
+            old.remove_hooks()
+            models[1].deltatune_after_step = new.step
+        for m, opt, g in zip(models, opts, gens):
+            ids = torch.randint(0, 128, (2, 8), generator=g)
+            (m(ids, labels=ids).loss + m.deltatune_extra_loss()).backward()
+            opt.step()
+            opt.zero_grad()
+            m.deltatune_after_step(step)
+    for (_, a), (_, b) in zip(adalora_layers(models[0]), adalora_layers(models[1])):
+        assert torch.equal(a.factors()[2], b.factors()[2]) and a.kept == b.kept
+
+
 class TwoBranch(nn.Module):
     """y = big(x) + 1e-2·small(x): the loss's gradient into 'small' is 100× weaker."""
 

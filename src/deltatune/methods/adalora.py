@@ -175,7 +175,7 @@ class AdaLoraLayer(nn.Module):
         a, b, e = self.factors()
         if self.dropout > 0.0 and self.training:
             x2 = F.dropout(x2, self.dropout, True)
-        xa = F.linear(x2.to(dt), (a * e).to(dt))  # (N, r) = x·(ΛQ)ᵀ; Λ scales Q's rows
+        xa = F.linear(x2, (a * e).to(dt))  # (N, r) = x·(ΛQ)ᵀ; Λ scales Q's rows
         out = out.addmm_(xa.to(out.dtype), b.t().to(out.dtype), alpha=self.scale)  # += s·(ΛQx)Pᵀ, in place
         return out.view(*lead, out.shape[-1])
 
@@ -295,6 +295,24 @@ class RankAllocator:
             pattern[path] = (~drop).view(-1).tolist()
             layer.kept = pattern[path]
         return pattern
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything :meth:`step` carries between steps (for resumable checkpoints)."""
+        tensors = {f"{kind}.{path}.{part}": t for kind, store in
+                   (("ipt", self.ipt), ("avg", self.exp_avg_ipt), ("unc", self.exp_avg_unc))
+                   for (path, part), t in store.items()}
+        return {"tensors": tensors, "rank_pattern": self.rank_pattern, "budget": self.budget}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reset_ipt()
+        stores = {"ipt": self.ipt, "avg": self.exp_avg_ipt, "unc": self.exp_avg_unc}
+        for key, t in state["tensors"].items():
+            kind, rest = key.split(".", 1)
+            path, part = rest.rsplit(".", 1)
+            stores[kind][(path, part)] = t
+        self.rank_pattern, self.budget = state["rank_pattern"], int(state["budget"])
+        for path, layer in self.layers:
+            layer.kept = self.rank_pattern[path] if self.rank_pattern else None
 
     @torch.no_grad()
     def mask_using_rank_pattern(self) -> None:

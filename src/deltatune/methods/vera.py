@@ -194,7 +194,7 @@ class VeraLayer(nn.Module):
         lam_d, lam_b = self.vectors()
         if self.dropout > 0.0 and self.training:
             x2 = F.dropout(x2, self.dropout, True)
-        h = F.linear(x2.to(dt), a.to(dt)) * lam_d.to(dt)  # (N, r) = d ⊙ A·x
+        h = F.linear(x2, a.to(dt)) * lam_d.to(dt)  # (N, r) = d ⊙ A·x
         hb = F.linear(h, b.to(dt))  # (N, d) = B·(d ⊙ A·x)
         out = out.addcmul_(hb.to(out.dtype), lam_b.to(out.dtype))  # += b ⊙ …, in place, no (N, d) temporary
         return out.view(*lead, out.shape[-1])
