@@ -233,3 +233,17 @@ def test_train_loop_method_bottleneck(tmp_path: Path) -> None:
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(IDS).logits, model(IDS).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_cached_generation_equals_recomputation() -> None:
+    model = make_tiny_llama()
+    bn.inject(model, BottleneckConfig(r=4))
+    nonzero(model)
+    prompt = IDS[:1]
+    got = model.generate(input_ids=prompt, max_new_tokens=5, do_sample=False)
+    want = prompt
+    with torch.no_grad():
+        for _ in range(5):
+            want = torch.cat([want, model(want).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(got, want)
+    assert not torch.equal(got, make_tiny_llama().generate(input_ids=prompt, max_new_tokens=5, do_sample=False))

@@ -222,3 +222,20 @@ def test_train_loop_saves_what_it_trained(method: str, tmp_path: Path) -> None:
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_p_tuning_v2_is_prefix_tuning_without_projection(tmp_path: Path) -> None:
+    from deltatune.config import load_config
+    from deltatune.registry import METHODS
+    from deltatune.train.config import TrainConfig
+
+    cfg = load_config(TrainConfig, None, ["method=p_tuning_v2", f"prompt.num_virtual_tokens={K}"])
+    model = METHODS["p_tuning_v2"].apply(make_tiny_llama(), cfg)
+    enc = prompts.get_seam(model).encoder("default")  # type: ignore[union-attr]
+    assert enc.kind == "prefix" and enc.transform is None
+    assert deltatune.parameter_report(model)["trainable"] == K * 2 * 2 * 32  # l·L·2·d_kv
+    deltatune.save_adapter(model, tmp_path / "a")
+    saved = (tmp_path / "a" / "adapter_config.json").read_text()
+    assert '"peft_type": "PREFIX_TUNING"' in saved and '"prefix_projection": false' in saved
+    with pytest.raises(ValueError, match="use method 'prefix_tuning'"):
+        load_config(TrainConfig, None, ["method=p_tuning_v2", "prompt.projection=true"])
