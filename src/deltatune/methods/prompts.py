@@ -171,8 +171,9 @@ class PromptEncoder(nn.Module):
             self.transform = nn.Sequential(nn.Linear(dims.kv_width, hidden), nn.Tanh(), nn.Linear(hidden, width))
         else:
             self.embedding = nn.Parameter(torch.randn(n, width) if rows is None else rows.detach().float().clone())
-        if tuple(self.embedding.shape) != (n, dims.kv_width if config.projection else width):
-            raise ValueError(f"prompt init rows have shape {list(self.embedding.shape)}, expected {[n, width]}")
+        want = [n, dims.kv_width if config.projection else width]
+        if list(self.embedding.shape) != want:
+            raise ValueError(f"prompt rows have shape {list(self.embedding.shape)}, expected {want}")
 
     def forward(self) -> torch.Tensor:
         return self.embedding if self.transform is None else self.transform(self.embedding)
