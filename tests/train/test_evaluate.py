@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from deltatune.train.evaluate import (
     encode_prompt,
@@ -62,8 +63,17 @@ def test_batched_left_padded_greedy_matches_naive(arch, llama_factory, gpt2_fact
         )
 
 
-def test_generation_stops_at_stop_token_per_row(llama_factory, tiny_tokenizer):
+def test_generation_stops_at_stop_token_per_row(llama_factory, tiny_tokenizer, monkeypatch):
     model = llama_factory(vocab_size=len(tiny_tokenizer))
+    # Finished rows are dropped from the batch and the KV cache: check that this path really runs.
+    selects: list[list[int]] = []
+    original = DynamicCache.batch_select_indices
+
+    def spy(self, indices):
+        selects.append(indices.tolist())
+        return original(self, indices)
+
+    monkeypatch.setattr(DynamicCache, "batch_select_indices", spy)
     encoded = [encode_prompt(tiny_tokenizer, p) for p in PROMPTS[:4]]
     free = [naive_greedy(model, e, 10, set()) for e in encoded]
     stop_tok = free[1][3]  # a token row 1 emits at step 3: that row must end after 3 tokens
@@ -71,6 +81,7 @@ def test_generation_stops_at_stop_token_per_row(llama_factory, tiny_tokenizer):
     assert len(expected[1]) == 3
     got = greedy_generate_ids(model, encoded, max_new_tokens=10, stop_ids={stop_tok}, pad_id=0)
     assert got == expected
+    assert selects and 1 not in selects[0]
 
 
 def test_chat_messages_use_template_and_keep_order(llama_factory, tiny_tokenizer):

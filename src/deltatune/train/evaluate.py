@@ -65,6 +65,10 @@ def _accepts(model: nn.Module, name: str) -> bool:
         return False
 
 
+def _can_select(cache: Any) -> bool:
+    return callable(getattr(cache, "batch_select_indices", None))
+
+
 def _left_pad(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T) input ids padded on the left with ``pad_id`` and the matching 0/1 attention mask."""
     width = max(len(s) for s in seqs)
@@ -98,7 +102,10 @@ def greedy_generate_ids(
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
     batch = input_ids.shape[0]
     out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    # Rows still generating, as indices into the original batch; finished rows leave the batch
+    # (and the KV cache) so a few long replies don't keep paying for the short ones.
+    active = torch.arange(batch, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)  # (b,), aligned with active
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     # Only the last position's logits are needed: on the prefill that skips a (B, T, V) projection,
     # about a fifth of a 135M model's prefill FLOPs with SmolLM2's 49k vocabulary.
@@ -117,16 +124,23 @@ def greedy_generate_ids(
         if cache_kw is None:
             cache_kw = "cache" if "cache" in res else "past_key_values"
         cache = res[cache_kw]
-        next_tok = res.logits[:, -1, :].argmax(-1)  # (B,)
-        next_tok = torch.where(done, torch.full_like(next_tok, pad_id), next_tok)
-        out[:, step] = next_tok
+        next_tok = res.logits[:, -1, :].argmax(-1)  # (b,) for the b active rows
+        out[active, step] = next_tok
         n_steps = step + 1
-        done |= torch.isin(next_tok, stop)
-        if bool(done.all()):
+        done |= torch.isin(next_tok, stop)  # (b,)
+        n_done = int(done.sum())
+        if n_done == len(active):
             break
-        step_ids = next_tok[:, None]  # (B, 1)
-        step_pos = step_pos[:, -1:] + 1  # (B, 1)
-        mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], dim=1)
+        # Compact once a quarter of the rows are done: copying the cache costs about one step.
+        if 4 * n_done >= len(active) and _can_select(cache):
+            keep = (~done).nonzero().squeeze(1)  # (b',)
+            cache.batch_select_indices(keep)
+            active, next_tok, mask, step_pos = active[keep], next_tok[keep], mask[keep], step_pos[keep]
+            done = done[keep]
+        # Finished rows that stay in the batch go on decoding; their tokens after the stop are cut below.
+        step_ids = next_tok[:, None]  # (b, 1)
+        step_pos = step_pos[:, -1:] + 1  # (b, 1)
+        mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=device)], dim=1)
     results: list[list[int]] = []
     for row in out[:, :n_steps].tolist():
         cut = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
