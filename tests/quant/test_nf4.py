@@ -302,3 +302,22 @@ def test_state_dict_bytes_equal_bitsandbytes(bnbf) -> None:  # type: ignore[no-u
         back = QuantState4bit.from_state_dict(ours)
         assert back.shape == s.shape and back.dtype == s.dtype and back.block_size == 64
         assert torch.equal(back.block_absmax(), s.block_absmax())
+
+
+def test_thread_pool_path_equals_serial() -> None:
+    """With >1 torch threads the chunks run on a Python thread pool; same bytes and values, and
+    the process-wide thread count is restored."""
+    torch.manual_seed(6)
+    w = torch.randn(600, 1024 + 64, dtype=torch.bfloat16)  # > 2 chunks, ragged last block
+    p1, s1 = quantize_4bit(w, 64)
+    d1 = dequantize_4bit(p1, s1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        p2, s2 = quantize_4bit(w, 64)
+        d2 = dequantize_4bit(p2, s2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(p1, p2) and torch.equal(_bits(s1.block_absmax()), _bits(s2.block_absmax()))
+    assert torch.equal(_bits(d1), _bits(d2))
