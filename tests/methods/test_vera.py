@@ -75,6 +75,41 @@ def test_linear_and_conv1d_match_naive_formula() -> None:
             torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-6)
 
 
+def test_layers_reading_one_input_share_the_projection_and_get_exact_gradients() -> None:
+    # q_proj and v_proj read the same tensor: one A·x product serves both (forward and backward).
+    model = inject_vera(tiny_llama(), VeraConfig(r=8, target_modules=["q_proj", "v_proj"])).train()
+    randomise_vectors(model)
+    attn = model.model.layers[0].self_attn
+    a, b = naive_projections(8, 64, 64, 0)
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    out = attn.q_proj(x).square().sum()
+    shared = attn.q_proj.vera_proj._last[2]()
+    out = out + attn.v_proj(x).square().sum()
+    assert shared is not None and attn.v_proj.vera_proj._last[2]() is shared  # v reused q's product
+    del shared
+    out.backward()
+    got = [x.grad] + [p.grad for layer in (attn.q_proj, attn.v_proj) for p in layer.vectors()]
+    x2 = x.detach().clone().requires_grad_(True)
+    want_out = 0
+    vecs = []
+    for layer in (attn.q_proj, attn.v_proj):
+        lam_d, lam_b = (v.detach().clone().requires_grad_(True) for v in layer.vectors())
+        vecs += [lam_d, lam_b]
+        y = layer.base_layer(x2) + lam_b * ((lam_d * (x2 @ a[:, :64].t())) @ b[: layer.out_features].t())
+        want_out = want_out + y.square().sum()
+    want_out.backward()
+    torch.testing.assert_close(out, want_out)
+    for g, w in zip(got, [x2.grad] + [v.grad for v in vecs]):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    model.eval()
+    del out, want_out
+    assert attn.q_proj.vera_proj._last[2]() is None  # the product died with its graph: no stale reuse
+    import copy
+    import pickle
+
+    pickle.dumps(copy.deepcopy(model))  # the weak references are dropped, not pickled
+
+
 def test_projections_equal_peft_bit_for_bit() -> None:
     peft = pytest.importorskip("peft")
     model = inject_vera(tiny_llama(), VeraConfig(r=16, target_modules=QVD, projection_prng_key=11))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -110,6 +111,32 @@ class VeraProjections(nn.Module):
         self.register_buffer("A", a.to(device), persistent=False)
         self.register_buffer("B", b.to(device), persistent=False)
 
+        self._last: tuple[Any, ...] | None = None  # (weakref x, key, weakref A·x): see project()
+
+    def project(self, x: torch.Tensor, x2: torch.Tensor, k: int, dt: torch.dtype) -> torch.Tensor:
+        """A[:, :k]·x for the rows x2 (N, k) of the layer input x → (N, r).
+
+        Layers that read the same input tensor (q/k/v, gate/up) and the same slice share one product:
+        one (N, k)×(k, r) matmul instead of one per layer forward, and autograd sums their gradients
+        into it, so one matmul back to x in backward as well. Only weak references are kept: the
+        product lives as long as the autograd graph that saved it, and x must be unchanged (version)."""
+        if not torch.is_grad_enabled() or x.is_inference():  # no graph would keep a product alive anyway
+            return F.linear(x2, self.A[:, :k].to(dt))
+        key = (x._version, self.A._version, k, dt)
+        last = self._last
+        if last is not None and last[0]() is x and last[1] == key:
+            xa = last[2]()
+            if xa is not None:
+                return xa  # type: ignore[no-any-return]
+        xa = F.linear(x2, self.A[:, :k].to(dt))
+        self._last = (weakref.ref(x), key, weakref.ref(xa))
+        return xa
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_last"] = None  # weak references neither pickle nor mean anything in a copy
+        return state
+
     def extra_repr(self) -> str:
         return f"A={tuple(self.A.shape)}, B={tuple(self.B.shape)}"
 
@@ -192,9 +219,11 @@ class VeraLayer(nn.Module):
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         a, b = self.slices()
         lam_d, lam_b = self.vectors()
-        if self.dropout > 0.0 and self.training:
-            x2 = F.dropout(x2, self.dropout, True)
-        h = F.linear(x2, a.to(dt)) * lam_d.to(dt)  # (N, r) = d ⊙ A·x
+        if self.dropout > 0.0 and self.training:  # each layer drops its own units: nothing to share
+            xa = F.linear(F.dropout(x2, self.dropout, True), a.to(dt))
+        else:
+            xa = self.vera_proj.project(x, x2, self.in_features, dt)  # (N, r), shared by same-input layers
+        h = xa * lam_d.to(dt)  # (N, r) = d ⊙ A·x
         hb = F.linear(h, b.to(dt))  # (N, d) = B·(d ⊙ A·x)
         out = out.addcmul_(hb.to(out.dtype), lam_b.to(out.dtype))  # += b ⊙ …, in place, no (N, d) temporary
         return out.view(*lead, out.shape[-1])
