@@ -117,6 +117,24 @@ def test_dropout_matches_peft_formula() -> None:
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_bf16_autocast_keeps_small_magnitude_updates() -> None:
+    """f = m/‖·‖ stays fp32 under bf16 autocast (as in PEFT): a 0.3 % change of m, below half of bf16's
+    step above 1 (2⁻⁸ ≈ 0.39 %), still reaches the output (a bf16 f would round back to 1)."""
+    torch.manual_seed(0)
+    layer = DoraLayer(nn.Linear(64, 64))
+    layer.add("a", r=4, alpha=8)
+    layer.enable_dora("a")  # B = 0, m = ‖W₀‖: f = 1, where bf16's step is 2⁻⁷
+    layer.active = ["a"]
+    x = torch.randn(256, 64)
+    with torch.autocast("cpu", torch.bfloat16):
+        before = layer(x)
+        with torch.no_grad():
+            layer.magnitude("a").mul_(1.003)
+        after = layer(x)
+    assert before.dtype == after.dtype == torch.bfloat16
+    assert (after.float() - before.float()).abs().sum() > 0
+
+
 # ----------------------------------------------------------------------------- PEFT as the oracle
 def _peft_twin(model: nn.Module, base: nn.Module, cfg: LoraConfig, **extra: object) -> nn.Module:
     peft = pytest.importorskip("peft")
@@ -284,3 +302,36 @@ def test_method_dora_in_registry_and_train_config() -> None:
     layers = [m for _, m in deltatune.lora_layers(model)]
     assert layers and all(isinstance(m, DoraLayer) and m.is_dora("default") for m in layers)
     assert not cfg.lora.use_dora  # the user's config object is not changed
+
+
+def test_train_end_to_end_dora_pissa_loraplus(tmp_path: Path) -> None:
+    """`deltatune train` with method dora, PiSSA init and LoRA+: the saved adapter is a rank-2r DoRA file
+    that loads on the untouched base and changes it; B's group trained at 16 × lr."""
+    import json
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from deltatune.cli import main
+    from deltatune.testing import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=tok.eos_token_id)).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    out = tmp_path / "run"
+    sets = [f"model.spec={tmp_path / 'base'}", "model.dtype=fp32", "method=dora", "lora.init=pissa", "lora.r=4",
+            "train.loraplus_ratio=16", "train.lr=1e-3", "train.max_steps=2", "train.batch_size=4", "train.bf16=false",
+            "data.num_train=8", "data.num_eval=2", "eval.exact_match=false", f"output_dir={out}"]
+    assert main(["train", "--no-progress", *[a for kv in sets for a in ("--set", kv)]]) == 0
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg["use_dora"] is True and cfg["r"] == 8 and cfg["init_lora_weights"] is True
+    state = json.loads(next((out / "checkpoints").glob("step-*/state.json")).read_text())
+    groups = {g["name"]: g["initial_lr"] for g in state["optimizer"]["param_groups"]}
+    assert groups["B"] == pytest.approx(16 * groups["A"]) and groups["A"] == pytest.approx(1e-3)
+    base = LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()
+    ids = torch.randint(3, len(tok), (1, 8))
+    before = base(ids).logits
+    after = deltatune.load_adapter(base, out / "adapter")(ids).logits
+    assert (after - before).abs().max() > 1e-4

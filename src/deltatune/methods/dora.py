@@ -211,7 +211,8 @@ class DoraLayer(LoraLayer):
             z = y.sub_(bias) if bias is not None else y
             xa = F.linear(x2, a if torch.is_autocast_enabled() else a.to(x2.dtype))  # (N, r)
             z = z.addmm_(xa.to(z.dtype), b.t().to(z.dtype), alpha=ad.scale)  # (N, d)
-            out = z * self._scale(name).to(z.dtype)
+            # f stays fp32 (as in PEFT): in bf16 it would move in steps of 2⁻⁸, hiding small updates of m.
+            out = (z * self._scale(name)).to(z.dtype)
             if bias is not None:
                 out = out.add_(bias)
             return out.view(*lead, out.shape[-1])
@@ -241,8 +242,8 @@ class DoraLayer(LoraLayer):
         if y0 is None:
             y0 = self._base_apply(x, self._dk(self._pristine()))
         lora = LoraLayer._delta_out(self, x, name) if self.kind == "embedding" else self._lora_out(x, name)
-        f = self._scale(name).to(y0.dtype)
-        return (f - 1) * y0 + f * lora.to(y0.dtype)
+        f = self._scale(name)  # fp32, see forward
+        return ((f - 1) * y0 + f * lora).to(y0.dtype)
 
     def _lora_out(self, x: torch.Tensor, name: str) -> torch.Tensor:
         a, b = self.factors(name)
