@@ -361,10 +361,12 @@ def parameter_report(model: nn.Module) -> dict[str, object]:
         total += n
         if p.requires_grad:
             trainable += n
-            module = pname.rsplit(".", 1)[0]
+            # The trailing dot lets a tag match a ParameterDict entry ('<path>.vera_lambda_b.<adapter>').
+            module = pname.rsplit(".", 1)[0] + "."
             for tag in (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_B.", ".lora_magnitude_vector.",
-                        ".modules_to_save."):
+                        ".lora_E.", ".vera_lambda_b.", ".vera_lambda_d.", ".modules_to_save."):
                 module = module.split(tag)[0]
+            module = module.rstrip(".")
             per_module[module] = per_module.get(module, 0) + n
     pct = 100.0 * trainable / total if total else 0.0
     line = f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}"

@@ -111,6 +111,7 @@ def test_parameter_report_counts_r_d_plus_k_plus_1() -> None:
     inject_adalora(model, AdaLoraConfig(init_r=6, target_r=2, target_modules=["q_proj", "v_proj"]), total_step=10)
     rep = deltatune.parameter_report(model)
     assert rep["trainable"] == 2 * (6 * (64 + 64 + 1) + 6 * (32 + 64 + 1))  # q: 64→64, v: 64→32, 2 blocks
+    assert rep["per_module"]["model.layers.0.self_attn.v_proj"] == 6 * (32 + 64 + 1) and len(rep["per_module"]) == 4
     pm = peft.get_peft_model(tiny_llama(), peft_config(peft, init_r=6, target_modules=["q_proj", "v_proj"]))
     assert (rep["trainable"], rep["total"]) == pm.get_nb_trainable_parameters()  # ranknum counted as PEFT does
 

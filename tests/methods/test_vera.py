@@ -181,6 +181,7 @@ def test_parameter_report_counts_d_out_plus_r() -> None:
     rep = deltatune.parameter_report(model)
     want = 2 * ((64 + 8) + (32 + 8) + (64 + 8))  # d_out + r for q, v, down in 2 blocks; A, B are buffers
     assert rep["trainable"] == want and rep["total"] == total + want
+    assert rep["per_module"]["model.layers.1.self_attn.v_proj"] == 32 + 8 and len(rep["per_module"]) == 6
     pm = peft.get_peft_model(tiny_llama(), peft.VeraConfig(r=8, target_modules=QVD))
     assert (rep["trainable"], rep["total"]) == pm.get_nb_trainable_parameters()
 
