@@ -219,6 +219,23 @@ def _paths_to_save(model: nn.Module, names: list[str]) -> list[str]:
     return found
 
 
+def _method_of(config: Any) -> str:
+    """'lora' for LoraConfig (and DoRA/PiSSA, which are LoRA configs), else the method module name."""
+    return {"BottleneckConfig": "bottleneck", "PromptConfig": "prompts", "VeraConfig": "vera",
+            "AdaLoraConfig": "adalora"}.get(type(config).__name__, "lora")
+
+
+def _module(method: str) -> Any:
+    import importlib
+
+    return importlib.import_module(f"deltatune.methods.{method}")
+
+
+def _methods_present(model: nn.Module) -> set[str]:
+    state = getattr(model, "deltatune_state", None)
+    return {_method_of(c) for c in state.configs.values()} if isinstance(state, AdapterState) else set()
+
+
 def set_active(model: nn.Module, names: str | list[str]) -> None:
     """Activate adapter(s) (their outputs add up) and make exactly their parameters trainable."""
     state = get_state(model)
@@ -226,6 +243,20 @@ def set_active(model: nn.Module, names: str | list[str]) -> None:
     for n in names:
         if n not in state.configs:
             raise ValueError(f"no adapter named {n!r}; this model has {sorted(state.configs)}")
+    methods = {_method_of(state.configs[n]) for n in names}
+    if methods & {"bottleneck", "prompts"}:
+        if len(methods) > 1:
+            raise ValueError(f"adapters {names} are of different methods {sorted(methods)}; activate one kind")
+        if "prompts" in methods:
+            if len(names) != 1:
+                raise ValueError("one prompt/prefix adapter can be active at a time")
+            _module("prompts").set_active(model, names[0])
+        else:
+            _module("bottleneck").set_active(model, names)
+        return
+    if methods & {"vera", "adalora"}:
+        state.active = names  # one VeRA/AdaLoRA adapter per model: it is always the active one
+        return
     state.active = names
     model.requires_grad_(False)
     for _, layer in lora_layers(model):
@@ -240,7 +271,7 @@ def set_active(model: nn.Module, names: str | list[str]) -> None:
                 copy_.requires_grad_(n in names)
     # Bias modes (PEFT): 'all' trains every bias, 'lora_only' the biases of adapted layers.
     for n in names:
-        bias = state.configs[n].bias
+        bias = getattr(state.configs[n], "bias", "none")
         if bias == "all":
             for pname, p in model.named_parameters():
                 if pname == "bias" or pname.endswith(".bias"):
@@ -266,19 +297,30 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
     layers = [layer for _, layer in lora_layers(model)]
     merged = {id(layer): list(layer.merged) for layer in layers}
     wrappers = [m for m in model.modules() if isinstance(m, ModulesToSave)]
-    try:
-        for layer in layers:
-            layer.unmerge()
-            layer.disabled = True
-        for w in wrappers:
-            w.disabled = True
-        yield
-    finally:
-        for layer in layers:
-            layer.disabled = False
-            layer.merge(merged[id(layer)])
-        for w in wrappers:
-            w.disabled = False
+    present = _methods_present(model)
+    # VeRA/AdaLoRA layers carry their own `disabled` flag (and refuse it while merged).
+    others: list[Any] = [m for m in model.modules() if type(m).__name__ in ("VeraLayer", "AdaLoraLayer")]
+    with contextlib.ExitStack() as stack:
+        for method in ("bottleneck", "prompts"):
+            if method in present:
+                stack.enter_context(_module(method).disable(model))
+        try:
+            for layer in layers:
+                layer.unmerge()
+                layer.disabled = True
+            for w in wrappers:
+                w.disabled = True
+            for m in others:
+                m.disabled = True
+            yield
+        finally:
+            for layer in layers:
+                layer.disabled = False
+                layer.merge(merged[id(layer)])
+            for w in wrappers:
+                w.disabled = False
+            for m in others:
+                m.disabled = False
 
 
 @contextlib.contextmanager
@@ -303,6 +345,13 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     state = get_state(model)
     if name not in state.configs:
         raise ValueError(f"no adapter named {name!r}; this model has {sorted(state.configs)}")
+    method = _method_of(state.configs[name])
+    if method in ("bottleneck", "prompts"):
+        _module(method).delete(model, name)
+        return
+    if method in ("vera", "adalora"):
+        _module(method).unload(model, merge_adapter=False)
+        return
     for path, layer in list(lora_layers(model)):
         if name in layer.adapters:
             layer.delete(name)
@@ -320,13 +369,29 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
 
 def merge(model: nn.Module, names: list[str] | None = None) -> nn.Module:
-    """W ← W₀ + Σ s·BA for the active (or the named) adapters, in place; undone by :func:`unmerge`."""
+    """W ← W₀ + Σ s·BA for the active (or the named) adapters, in place; undone by :func:`unmerge`.
+    VeRA and AdaLoRA merge likewise; bottleneck and prompt adapters cannot be merged (an error)."""
+    present = _methods_present(model)
+    _refuse_unmergeable(present, "merge")
+    for method in present & {"vera", "adalora"}:
+        _module(method).merge(model)
     for _, layer in lora_layers(model):
         layer.merge([n for n in names if n in layer.adapters] if names is not None else None)
     return model
 
 
+def _refuse_unmergeable(present: set[str], what: str) -> None:
+    bad = present & {"bottleneck", "prompts"}
+    if bad:
+        raise ValueError(
+            f"cannot {what}: {'/'.join(sorted(bad))} adapters are not a weight delta (a nonlinear adapter or "
+            "virtual tokens); keep them as adapters (deltatune.save_adapter) and load them at inference"
+        )
+
+
 def unmerge(model: nn.Module) -> nn.Module:
+    for method in _methods_present(model) & {"vera", "adalora"}:
+        _module(method).unmerge(model)
     for _, layer in lora_layers(model):
         layer.unmerge()
     return model
@@ -335,6 +400,16 @@ def unmerge(model: nn.Module) -> nn.Module:
 def unload(model: nn.Module, merge_adapters: bool = True) -> nn.Module:
     """Remove every deltatune wrapper and return the plain model (with the active adapters merged
     unless ``merge_adapters=False``). ``save_pretrained`` then writes an ordinary checkpoint."""
+    present = _methods_present(model)
+    if merge_adapters:
+        _refuse_unmergeable(present, "merge and unload")
+    for method in present & {"bottleneck", "prompts"}:  # unload without merging: drop them
+        state = get_state(model)
+        for n in [n for n, c in state.configs.items() if _method_of(c) == method]:
+            _module(method).delete(model, n)
+    for method in present & {"vera", "adalora"}:
+        _module(method).unload(model, merge_adapter=merge_adapters)
+        return model
     for path, layer in list(lora_layers(model)):
         if merge_adapters:
             layer.merge()
