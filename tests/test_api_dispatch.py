@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_llama
 
 import deltatune
 from deltatune.methods.bottleneck import BottleneckConfig
@@ -25,8 +24,8 @@ def _perturb(model: torch.nn.Module) -> None:
 
 
 @pytest.mark.parametrize("kind", ["bottleneck", "prompt", "vera"])
-def test_disable_is_base_and_merge_rules(kind: str) -> None:
-    model = make_tiny_llama()
+def test_disable_is_base_and_merge_rules(kind: str, llama_factory) -> None:
+    model = llama_factory()
     base = model(IDS).logits
     if kind == "bottleneck":
         inject_bottleneck(model, BottleneckConfig(r=4))

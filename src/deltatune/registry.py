@@ -44,8 +44,11 @@ def _apply_qlora(model: nn.Module, cfg: Any) -> nn.Module:
     from .inject import inject
     from .quant.linear4bit import quantize_model
 
-    # The frozen base goes to NF4 (double-quantized); embeddings and the output head stay 16-bit.
-    quantize_model(model)
+    # The frozen base goes to NF4 (double-quantized); embeddings and the output head keep their
+    # dtype. Compute runs in the dtype the model was loaded in (bf16 where the hardware has it:
+    # bf16 matmuls on a CPU without AVX512-BF16 are far slower than fp32).
+    compute = next(model.parameters()).dtype
+    quantize_model(model, compute_dtype=compute if compute.is_floating_point else torch.float32)
     return inject(model, cfg.lora)
 
 

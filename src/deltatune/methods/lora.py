@@ -176,16 +176,24 @@ class LoraLayer(nn.Module):
         for name in names if names is not None else list(self.active):
             if name in self.merged:
                 continue
-            w = self.base_weight()
-            with torch.no_grad():
-                w.add_(self.delta(name).to(w.dtype))
+            self._add_to_base(self.delta(name))
             self.merged.append(name)
 
     def unmerge(self) -> None:
+        while self.merged:
+            self._add_to_base(-self.delta(self.merged.pop()))
+
+    @torch.no_grad()
+    def _add_to_base(self, delta: torch.Tensor) -> None:
+        """W ← W + delta. A 4-bit base is dequantized, updated and requantized (lossy: the
+        rounding error this adds is what ``deltatune.quant.merge_error_report`` measures)."""
+        base = self.base_layer
+        requantize = getattr(base, "requantize_", None)
+        if callable(requantize):
+            requantize(base.dequantized_weight(torch.float32) + delta)  # type: ignore[operator]
+            return
         w = self.base_weight()
-        with torch.no_grad():
-            while self.merged:
-                w.sub_(self.delta(self.merged.pop()).to(w.dtype))
+        w.add_(delta.to(w.dtype))
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:

@@ -135,6 +135,18 @@ class Linear4bit(nn.Module):
         )
         return layer
 
+    # LoRA wraps this layer like an nn.Linear (deltatune.methods.lora.supported_base).
+    is_deltatune_linear = True
+
+    @torch.no_grad()
+    def requantize_(self, weight: Tensor) -> None:
+        """Replace the stored weight by the NF4/FP4 quantization of ``weight`` (out, in), keeping
+        this layer's block size, double quantization and original dtype (merging into 4 bits)."""
+        s = self.quant_state
+        packed, state = quantize_4bit(weight.to(s.dtype), s.block_size, s.nested, s.quant_type)
+        self.weight.data = packed
+        self.quant_state = state
+
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> Tensor:
         """(out, in) weight in ``dtype`` (default: the dtype it was quantized from)."""
         return dequantize_4bit(self.weight, self.quant_state, dtype).view(self.out_features, self.in_features)
