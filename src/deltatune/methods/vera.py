@@ -110,7 +110,6 @@ class VeraProjections(nn.Module):
         b = kaiming_projection((d_max, r), g)
         self.register_buffer("A", a.to(device), persistent=False)
         self.register_buffer("B", b.to(device), persistent=False)
-
         self._last: tuple[Any, ...] | None = None  # (weakref x, key, weakref A·x): see project()
 
     def project(self, x: torch.Tensor, x2: torch.Tensor, k: int, dt: torch.dtype) -> torch.Tensor:
