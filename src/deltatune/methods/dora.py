@@ -102,7 +102,7 @@ class DoraLayer(LoraLayer):
         return w if self.kind == "linear" else w.t()
 
     def _dense_base(self) -> torch.Tensor:
-        """The base weight in its own layout and a float dtype (a quantized base must offer dequantize())."""
+        """The base weight in its own layout, floating point (a 4-bit base via its dequantized_weight())."""
         dequantize = getattr(self.base_layer, "dequantized_weight", None)  # quant.Linear4bit (QDoRA)
         w = dequantize() if callable(dequantize) else self.base_weight()
         if not w.is_floating_point():
