@@ -161,6 +161,10 @@ def generate_texts(
 
     The model is put in eval mode for the call (dropout off) and restored afterwards. Replies stop
     at eos / end-of-turn tokens and are decoded without special tokens.
+
+    On CPU, bigger batches are cheaper: SmolLM2-135M, 40 chat prompts × ≤48 new tokens, fp32, one
+    thread: 24 CPU-s at batch_size=40 vs 32 CPU-s at 16 (same as ``model.generate``: 25 CPU-s).
+    bf16 without native CPU support (AVX2 only) cost 4.6x more; ``resolve_dtype("auto")`` avoids it.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
