@@ -365,9 +365,8 @@ def test_train_two_steps_through_the_loop(model_dir: Path, tmp_path: Path) -> No
     sets = [f"model.spec={model_dir}", "model.dtype=fp32", "data.num_train=8", "data.num_eval=2",
             "train.batch_size=4", "train.lr=1e-2", f"output_dir={tmp_path / 'run'}", "eval.max_new_tokens=4",
             "train.bf16=false", "method=adalora", "adalora.init_r=4", "adalora.target_r=2"]
-    with pytest.raises(ValueError, match="train.max_steps"):
-        run(load_config(TrainConfig, None, sets), progress=False)
-    res = run(load_config(TrainConfig, None, [*sets, "train.max_steps=2"]), progress=False)
+    # No max_steps: the loop derives the run length (8 rows / batch 4 = 2 steps) for the schedule.
+    res = run(load_config(TrainConfig, None, sets), progress=False)
     assert res.summary["steps"] == 2
     cfg = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     # Step 1 of 2 pruned to the cubic budget ⌊(16 − 8)·(1 − 1/2)³ + 8⌋ = 9 over the 4 layers.

@@ -46,8 +46,9 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, progress: dict[str, Any], keep: int = 2) -> Path:
-    """Write checkpoint ``step`` atomically and keep only the newest ``keep``."""
+                    scheduler: Any, progress: dict[str, Any], method_state: Any = None, keep: int = 2) -> Path:
+    """Write checkpoint ``step`` atomically and keep only the newest ``keep``. ``method_state`` is an
+    object with ``state_dict()`` → {"tensors": {...}, **json} (AdaLoRA's allocator), or None."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
@@ -60,8 +61,15 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
         if torch.cuda.is_available():
             for i, s in enumerate(torch.cuda.get_rng_state_all()):
                 opt_tensors[f"rng.cuda{i}"] = s
+        method_meta = None
+        if method_state is not None:
+            ms = dict(method_state.state_dict())
+            for k, t in ms.pop("tensors", {}).items():
+                opt_tensors[f"method.{k}"] = t.detach().contiguous().cpu()
+            method_meta = ms
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        state = {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(), "progress": progress}
+        state = {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(), "progress": progress,
+                 "method": method_meta}
         (tmp / "state.json").write_text(json.dumps(state, indent=1, default=_json_default))
         if final.exists():
             shutil.rmtree(final)
@@ -87,7 +95,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    method_state: Any = None) -> dict[str, Any]:
     """Restore parameters, optimizer, scheduler and RNG; return the saved progress dict."""
     try:
         params = load_file(str(path / "trainable.safetensors"))
@@ -106,6 +115,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     with torch.no_grad():
         for n, t in params.items():
             named[n].copy_(t)
+    method_tensors = {k[len("method."):]: opt_tensors.pop(k) for k in [k for k in opt_tensors if k.startswith("method.")]}
+    if method_state is not None and state.get("method") is not None:
+        method_state.load_state_dict({"tensors": method_tensors, **state["method"]})
     rng = opt_tensors.pop("rng.torch")
     cuda = {k: opt_tensors.pop(k) for k in [k for k in opt_tensors if k.startswith("rng.cuda")]}
     optimizer.load_state_dict(_unflatten_optimizer(opt_tensors, state["optimizer"]))

@@ -14,6 +14,7 @@ resuming equal an uninterrupted run's.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -211,6 +212,11 @@ def run(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer: Any = No
         before = _evaluate(model, tokenizer, data, cfg, device, bf16, progress, "before training")
         atomic_write_bytes(before_path, json.dumps(before, indent=2).encode())
 
+    micro_per_epoch = math.ceil(len(data.train) / cfg.train.batch_size)
+    steps_per_epoch = max(1, micro_per_epoch // cfg.train.grad_accum)
+    total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else steps_per_epoch * cfg.train.epochs
+    # Methods with a schedule of their own (AdaLoRA's rank budget) read the run length from here.
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=total_steps))
     method.apply(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -230,9 +236,6 @@ def run(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer: Any = No
     log.info("%s", report["line"])
 
     optimizer = _make_optimizer(cfg, model)
-    micro_per_epoch = math.ceil(len(data.train) / cfg.train.batch_size)
-    steps_per_epoch = max(1, micro_per_epoch // cfg.train.grad_accum)
-    total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else steps_per_epoch * cfg.train.epochs
     warmup = cfg.train.warmup_steps or int(cfg.train.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, total_steps, warmup, cfg.train.schedule))
@@ -240,7 +243,7 @@ def run(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer: Any = No
     step, epoch, micro_done = 0, 0, 0
     tokens_seen = 0
     if ckpt is not None:
-        prog = load_checkpoint(ckpt, model, optimizer, scheduler)
+        prog = load_checkpoint(ckpt, model, optimizer, scheduler, _method_state_owner(model))
         step, epoch, micro_done, tokens_seen = prog["step"], prog["epoch"], prog["micro_done"], prog["tokens"]
         log.info("resumed from %s (step %d)", ckpt, step)
     elif cfg.resume:
@@ -260,7 +263,8 @@ def run(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer: Any = No
 
     def checkpoint() -> None:
         save_checkpoint(out_dir, step, model, optimizer, scheduler,
-                        {"step": step, "epoch": epoch, "micro_done": micro_done, "tokens": tokens_seen})
+                        {"step": step, "epoch": epoch, "micro_done": micro_done, "tokens": tokens_seen},
+                        _method_state_owner(model))
 
     with _StopFlag() as stop, open(metrics_path, "a") as metrics:
         while step < total_steps:
@@ -283,8 +287,8 @@ def run(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer: Any = No
                              if cfg.train.max_grad_norm > 0 else None)
                 optimizer.step()
                 scheduler.step()
+                _after_step(model, step)  # before zero_grad: AdaLoRA scores use this step's gradients
                 optimizer.zero_grad(set_to_none=True)
-                _after_step(model, step)
                 micro_done += len(window)
                 step += 1
                 in_tokens = sum(int(b["attention_mask"].sum()) for b in window)
@@ -384,6 +388,12 @@ def _extra_loss(model: nn.Module) -> torch.Tensor | None:
     ``model.deltatune_extra_loss()`` returns a scalar tensor, added once per optimizer step."""
     hook = getattr(model, "deltatune_extra_loss", None)
     return hook() if callable(hook) else None
+
+
+def _method_state_owner(model: nn.Module) -> Any:
+    """A method object with state outside the parameters (AdaLoRA's rank allocator), or None;
+    checkpoints save and restore its ``state_dict()``."""
+    return getattr(model, "deltatune_rank_allocator", None)
 
 
 def _after_step(model: nn.Module, step: int) -> None:
