@@ -335,3 +335,27 @@ def test_train_end_to_end_dora_pissa_loraplus(tmp_path: Path) -> None:
     before = base(ids).logits
     after = deltatune.load_adapter(base, out / "adapter")(ids).logits
     assert (after - before).abs().max() > 1e-4
+
+
+def test_qdora_equals_dora_on_dequantized_weights() -> None:
+    """DoRA over a Linear4bit base (QDoRA) computes DoRA on the dequantized weights; merging requantizes."""
+    from deltatune.quant.linear4bit import Linear4bit, quantize_model
+
+    qmodel = quantize_model(make_tiny_llama(), compute_dtype=torch.float32)
+    ref = copy.deepcopy(qmodel)
+    for name, mod in list(ref.named_modules()):
+        if isinstance(mod, Linear4bit):
+            lin = nn.Linear(mod.in_features, mod.out_features, bias=False)
+            lin.weight.data = mod.dequantized_weight(torch.float32)
+            parent, _, child = name.rpartition(".")
+            setattr(ref.get_submodule(parent), child, lin)
+    for m in (qmodel, ref):
+        deltatune.inject(m, LoraConfig(r=4, alpha=8, target_modules=TARGETS, use_dora=True))
+        perturb(m)
+    ref.load_state_dict({k: v for k, v in qmodel.state_dict().items() if "lora_" in k}, strict=False)
+    want = ref(IDS).logits
+    torch.testing.assert_close(qmodel(IDS).logits, want, rtol=1e-4, atol=1e-4)
+    deltatune.merge(qmodel)
+    assert (qmodel(IDS).logits - want).abs().max() < 0.1  # requantized: close, not equal
+    deltatune.unmerge(qmodel)
+    assert (qmodel(IDS).logits - want).abs().max() < 0.1  # the adapter's effect is ~0.5 here

@@ -172,16 +172,15 @@ class DoraLayer(LoraLayer):
                 delta = self._dk(delta)
             else:
                 delta = super().delta(name)
-            w = self.base_weight()
-            w.add_(delta.to(w.dtype))
+            self._add_to_base(delta)  # a 4-bit base is requantized (QDoRA)
             self.merged.append(name)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged:
             return
-        w0 = self._pristine()
-        self.base_weight().copy_(self._dk(w0))
+        w0 = self._dk(self._pristine()).float()
+        self._add_to_base(w0 - self._dense_base().float())  # W ← W₀
         self.merged.clear()
         self._merged_f.clear()
 
