@@ -2,9 +2,10 @@
 
   deltatune train [CONFIG.yaml] [--set key=value ...] [--resume]
   deltatune generate [--model SPEC] [--adapter DIR] (--prompt TEXT | --messages FILE.json) [sampling]
-  deltatune merge --adapter DIR [--model SPEC] --out DIR
+  deltatune merge --adapter DIR [--model SPEC] --out DIR [--into-4bit [--data FILE]]
+  deltatune quantize MODEL --out DIR [--block-size 64] [--no-double-quant] [--skip lm_head ...]
   deltatune eval  --data FILE [--model SPEC] [--adapter DIR]
-  deltatune info  DIR
+  deltatune info  DIR   (adapter or model directory)
 """
 
 from __future__ import annotations
@@ -64,6 +65,23 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--adapter", required=True)
     m.add_argument("--out", required=True)
     m.add_argument("--dtype", default="auto", help="weights dtype of the merged model (auto/bf16/fp32)")
+    m.add_argument("--into-4bit", action="store_true",
+                   help="merge into the 4-bit (NF4) base and write a bitsandbytes-layout 4-bit checkpoint; "
+                        "prints the error merging adds (max |Δ logit|, perplexity change)")
+    m.add_argument("--data", help="with --into-4bit: reference text for the error report (a data file; "
+                                  "default: the built-in task's held-out examples)")
+
+    q = sub.add_parser("quantize", help="write a 4-bit (NF4) checkpoint that transformers + bitsandbytes load")
+    q.add_argument("model", help="'default', an HF model directory or a .gguf file")
+    q.add_argument("--out", required=True)
+    q.add_argument("--block-size", type=int, default=64, help="weights per absmax block")
+    q.add_argument("--no-double-quant", action="store_true", help="keep absmax in fp32 (4.5 instead of 4.127 bits)")
+    q.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"])
+    q.add_argument("--skip", nargs="*", default=["lm_head"], metavar="NAME",
+                   help="modules kept in full precision (exact name or dotted suffix; default lm_head; "
+                        "--skip alone quantizes every linear)")
+    q.add_argument("--dtype", default="auto", help="load dtype = dtype of the kept weights (auto/bf16/fp32)")
+    q.add_argument("--compute-dtype", default="auto", help="bnb_4bit_compute_dtype written to the config")
 
     e = sub.add_parser("eval", help="loss/perplexity and exact match on a data file")
     e.add_argument("--data", required=True, help="JSONL/JSON/CSV/Parquet in text/alpaca/chat/sharegpt shape")
@@ -75,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--no-generate", action="store_true", help="loss/perplexity only")
 
-    i = sub.add_parser("info", help="what an adapter directory holds")
+    i = sub.add_parser("info", help="what an adapter or model directory holds (bytes by storage type)")
     i.add_argument("path")
     return p
 
@@ -150,12 +168,45 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from . import unload
 
+    if args.into_4bit:
+        return _merge_into_4bit(args)
     model, tok = _load(args.model, args.adapter, args.dtype)
     plain: Any = unload(model)
     out = Path(args.out)
     plain.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     print(f"merged model written to {out} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def _merge_into_4bit(args: argparse.Namespace) -> int:
+    from . import load_adapter
+    from .models import resolve_dtype
+    from .quant.linear4bit import Linear4bit, quantize_model
+    from .quant.merge import format_merge_report, merge_into_4bit_checkpoint, reference_batches
+
+    model, tok = _load(args.model, None, args.dtype)
+    if not any(isinstance(m, Linear4bit) for m in model.modules()):  # a 16-bit base: quantize as method qlora does
+        quantize_model(model, compute_dtype=resolve_dtype(args.dtype))
+    load_adapter(model, args.adapter)
+    report = merge_into_4bit_checkpoint(model, tok, args.out, reference_batches(tok, args.data))
+    print("\n".join(format_merge_report(report)))
+    print(f"merged 4-bit model written to {args.out} (report in merge_report.json; loads with "
+          "transformers + bitsandbytes, or deltatune --model)")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .models import load_model, resolve_dtype
+    from .quant.checkpoint import describe_checkpoint, save_4bit_checkpoint
+    from .quant.linear4bit import quantize_model
+
+    model, tok = load_model(args.model, dtype=args.dtype)
+    quantize_model(model, args.block_size, not args.no_double_quant, resolve_dtype(args.compute_dtype),
+                   args.skip, args.quant_type)
+    out = save_4bit_checkpoint(model, tok, args.out)
+    print("\n".join(describe_checkpoint(out)))
+    print(f"4-bit model written to {out} (transformers + bitsandbytes load it; deltatune --model {out} too)")
     return 0
 
 
@@ -187,6 +238,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from .io import read_adapter_info
 
+    if (Path(args.path) / "config.json").is_file() and not (Path(args.path) / "adapter_config.json").is_file():
+        from .quant.checkpoint import describe_checkpoint
+
+        print("\n".join(describe_checkpoint(args.path)))
+        return 0
     f = read_adapter_info(args.path)
     cfg = f.config
     modules: dict[str, dict[str, Any]] = {}
@@ -219,7 +275,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "merge": cmd_merge, "eval": cmd_eval, "info": cmd_info}
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "merge": cmd_merge, "eval": cmd_eval, "info": cmd_info,
+            "quantize": cmd_quantize}
 
 
 def main(argv: list[str] | None = None) -> int:
