@@ -170,8 +170,9 @@ def test_cli_quantize_info_and_atomic_replace(llama_factory: Any, tmp_path: Path
     assert (other / "todo.txt").read_text() == "keep me"
 
 
-def test_train_lora_over_a_4bit_checkpoint(tmp_path: Path) -> None:
-    """QLoRA from a pre-quantized checkpoint: ``--set model.spec=<4-bit dir> --set method=lora``."""
+def test_train_lora_over_a_4bit_checkpoint_equals_method_qlora(tmp_path: Path) -> None:
+    """QLoRA from a pre-quantized checkpoint (``--set model.spec=<4-bit dir> --set method=lora``) is
+    method ``qlora`` on the 16-bit model: same storage report, same losses, same adapter."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = build_tiny_tokenizer()
@@ -179,28 +180,40 @@ def test_train_lora_over_a_4bit_checkpoint(tmp_path: Path) -> None:
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
                       eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
-    q4 = save_4bit_checkpoint(quantize_model(LlamaForCausalLM(cfg), compute_dtype=torch.float32), tok,
-                              tmp_path / "q4")
+    fp = tmp_path / "fp"
+    LlamaForCausalLM(cfg).save_pretrained(fp)
+    tok.save_pretrained(fp)
+    assert main(["quantize", str(fp), "--out", str(tmp_path / "q4"), "--dtype", "fp32"]) == 0
+    q4 = tmp_path / "q4"
     before = load_file(q4 / "model.safetensors")
-    run = tmp_path / "run"
-    sets = [f"model.spec={q4}", "method=lora", "model.dtype=fp32", "data.num_train=8", "data.num_eval=2",
-            "train.batch_size=4", "train.max_steps=2", "train.lr=1e-2", f"output_dir={run}", "eval.exact_match=false",
-            "train.bf16=false", "lora.r=4", "lora.target_modules=all-linear"]
-    assert main(["train", "--no-progress", *[a for kv in sets for a in ("--set", kv)]]) == 0
-    summary = json.loads((run / "summary.json").read_text())
-    storage = summary["storage_bytes"]
-    assert storage["params_4bit"] == 73728 and storage["nf4_packed"] == 73728 // 2
-    lora_params = summary["trainable_params"]
-    assert lora_params == 2 * 4 * sum(i + o for i, o in [(64, 64), (64, 32), (64, 32), (64, 64), (64, 128),
-                                                         (64, 128), (128, 64)])
-    assert storage["float32"] >= 4 * lora_params  # the fp32 adapter is counted with the fp32 weights
+    summaries, losses = {}, {}
+    for spec, method in ((q4, "lora"), (fp, "qlora")):
+        run = tmp_path / f"run-{method}"
+        sets = [f"model.spec={spec}", f"method={method}", "model.dtype=fp32", "data.num_train=8", "data.num_eval=2",
+                "train.batch_size=4", "train.max_steps=2", "train.lr=1e-2", f"output_dir={run}",
+                "eval.exact_match=false", "train.bf16=false", "lora.r=4", "lora.target_modules=all-linear"]
+        assert main(["train", "--no-progress", *[a for kv in sets for a in ("--set", kv)]]) == 0
+        summaries[method] = json.loads((run / "summary.json").read_text())
+        losses[method] = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert losses["lora"] == losses["qlora"]
+    storage = summaries["qlora"]["storage_bytes"]
+    assert summaries["lora"]["storage_bytes"] == storage
+    # naive count: 14 linears in 4 bits; fp32 = tied embedding (once) + 5 norms + LoRA A/B + the rotary
+    # buffers inv_freq and original_inv_freq (head_dim / 2 each)
+    lora_params = 2 * 4 * sum(i + o for i, o in [(64, 64), (64, 32), (64, 32), (64, 64), (64, 128), (64, 128),
+                                                 (128, 64)])
+    assert summaries["qlora"]["trainable_params"] == lora_params
+    n4 = 2 * (64 * 64 * 2 + 64 * 32 * 2 + 64 * 128 * 3)
+    assert storage["params_4bit"] == n4 and storage["nf4_packed"] == n4 // 2
+    assert storage["float32"] == 4 * (len(tok) * 64 + 5 * 64 + lora_params + 2 * 16 // 2)
     # the adapter loads onto the 4-bit model and changes its output; the checkpoint is untouched
     from deltatune import load_adapter
 
     model, _ = load_model(q4, dtype="fp32")
+    ids = IDS % len(tok)
     with torch.no_grad():
-        base = model(IDS).logits
-        adapted = load_adapter(model, run / "adapter")(IDS).logits
+        base = model(ids).logits
+        adapted = load_adapter(model, tmp_path / "run-lora" / "adapter")(ids).logits
     assert not torch.allclose(base, adapted)
     after = load_file(q4 / "model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
