@@ -27,8 +27,16 @@ from .inject import (
 )
 from .inject import inject as inject
 from .io import AdapterFileError, AdapterMismatchError, load_adapter, read_adapter_info, save_adapter
+from .methods.adalora import AdaLoraConfig, inject_adalora
+from .methods.bottleneck import BottleneckConfig
+from .methods.bottleneck import inject as inject_bottleneck
+from .methods.dora import DoraLayer
 from .methods.lora import LoraLayer
 from .methods.lora_config import LoraConfig
+from .methods.loraplus import loraplus_param_groups
+from .methods.prompts import PromptConfig
+from .methods.prompts import inject as inject_prompt
+from .methods.vera import VeraConfig, inject_vera
 
 __version__ = "0.1.0"
 
@@ -36,5 +44,6 @@ __all__ = [
     "LoraConfig", "LoraLayer", "inject", "save_adapter", "load_adapter", "merge", "unmerge", "unload",
     "set_active", "lora_layers", "disable_adapters", "delete_adapter", "adapter_per_sample", "find_targets",
     "parameter_report", "print_trainable_parameters", "AdapterFileError", "AdapterMismatchError",
-    "read_adapter_info", "__version__",
+    "read_adapter_info", "__version__", "DoraLayer", "loraplus_param_groups", "VeraConfig", "inject_vera",
+    "AdaLoraConfig", "inject_adalora", "BottleneckConfig", "inject_bottleneck", "PromptConfig", "inject_prompt",
 ]
