@@ -12,9 +12,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from transformers import (
-    GPT2Config,
     GPT2LMHeadModel,
-    LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
 )
@@ -27,48 +25,7 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(int(os.environ.get("DELTATUNE_TEST_THREADS", "1")))
 
 
-TINY_VOCAB = 256  # enough for a byte-level tokenizer; tests with a real tokenizer pass len(tokenizer)
-
-
-def make_tiny_llama(vocab_size: int = TINY_VOCAB, *, seed: int = 0, **overrides: object) -> LlamaForCausalLM:
-    """LlamaForCausalLM: hidden 64, 2 layers, 4 heads (head_dim 16), 2 kv heads (GQA), MLP 128."""
-    kwargs: dict[str, object] = dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        # Token ids 0/1/2 play pad/bos/eos, as in SmolLM2; a tiny tokenizer can map them to its specials.
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
-    kwargs.update(overrides)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**kwargs))
-    return model.float().eval()
-
-
-def make_tiny_gpt2(vocab_size: int = TINY_VOCAB, *, seed: int = 0, **overrides: object) -> GPT2LMHeadModel:
-    """GPT2LMHeadModel: n_embd 64, 2 layers, 4 heads; its attention/MLP use the transformers Conv1D."""
-    kwargs: dict[str, object] = dict(
-        vocab_size=vocab_size,
-        n_embd=64,
-        n_layer=2,
-        n_head=4,
-        n_positions=256,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    kwargs.update(overrides)
-    torch.manual_seed(seed)
-    model = GPT2LMHeadModel(GPT2Config(**kwargs))
-    return model.float().eval()
-
+from deltatune.testing import TINY_VOCAB, make_tiny_gpt2, make_tiny_llama  # noqa: E402,F401
 
 CHATML_TEMPLATE = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"

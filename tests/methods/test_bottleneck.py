@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_gpt2, make_tiny_llama
 from transformers import BertConfig, BertModel
 
 import deltatune
 from deltatune import AdapterFileError, AdapterMismatchError
 from deltatune.methods import bottleneck as bn
 from deltatune.methods.bottleneck import ACTIVATIONS, BottleneckConfig, BottleneckLayer
+from deltatune.testing import make_tiny_gpt2, make_tiny_llama
 
 IDS = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(0))
 

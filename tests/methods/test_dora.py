@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_gpt2, make_tiny_llama
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import deltatune
 from deltatune import LoraConfig
 from deltatune.methods.dora import DoraLayer
+from deltatune.testing import make_tiny_gpt2, make_tiny_llama
 
 IDS = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(0))
 TARGETS = ["q_proj", "v_proj", "down_proj"]

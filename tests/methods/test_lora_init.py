@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_gpt2, make_tiny_llama
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -17,6 +16,7 @@ import deltatune
 from deltatune import LoraConfig
 from deltatune.methods import lora_init
 from deltatune.methods.lora import LoraLayer
+from deltatune.testing import make_tiny_gpt2, make_tiny_llama
 
 IDS = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))
 TARGETS = ["q_proj", "v_proj", "down_proj"]

@@ -6,11 +6,11 @@ import copy
 
 import pytest
 import torch
-from conftest import make_tiny_llama
 
 import deltatune
 from deltatune import LoraConfig
 from deltatune.methods.loraplus import loraplus_param_groups
+from deltatune.testing import make_tiny_llama
 
 IDS = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
 

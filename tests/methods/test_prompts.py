@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_gpt2, make_tiny_llama
 
 import deltatune
 from deltatune import AdapterMismatchError
 from deltatune.methods import prompts
 from deltatune.methods.prompts import PromptConfig
+from deltatune.testing import make_tiny_gpt2, make_tiny_llama
 from deltatune.train.evaluate import greedy_generate_ids
 
 peft = pytest.importorskip("peft")

@@ -183,17 +183,8 @@ class LoraLayer(nn.Module):
         while self.merged:
             self._add_to_base(-self.delta(self.merged.pop()))
 
-    @torch.no_grad()
     def _add_to_base(self, delta: torch.Tensor) -> None:
-        """W ← W + delta. A 4-bit base is dequantized, updated and requantized (lossy: the
-        rounding error this adds is what ``deltatune.quant.merge_error_report`` measures)."""
-        base = self.base_layer
-        requantize = getattr(base, "requantize_", None)
-        if callable(requantize):
-            requantize(base.dequantized_weight(torch.float32) + delta)  # type: ignore[operator]
-            return
-        w = self.base_weight()
-        w.add_(delta.to(w.dtype))
+        add_to_weight(self.base_layer, delta)
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
@@ -319,6 +310,19 @@ class DropoutProject(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_a = (g.t() @ torch.where(keep, x.to(ctx.dtype), 0)).to(a.dtype)  # (r, k)
         return grad_x, grad_a, None
+
+
+@torch.no_grad()
+def add_to_weight(base: nn.Module, delta: torch.Tensor) -> None:
+    """W ← W + delta in the base layer's own layout (shared by every merging method). A 4-bit base
+    is dequantized, updated and requantized (lossy: the rounding error this adds is what
+    ``deltatune.quant.merge`` measures)."""
+    requantize = getattr(base, "requantize_", None)
+    if callable(requantize):
+        requantize(base.dequantized_weight(torch.float32) + delta)  # type: ignore[operator]
+        return
+    w = _weight(base)
+    w.add_(delta.to(w.dtype))
 
 
 def _weight(module: nn.Module) -> torch.Tensor:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import base_shape, supported_base
+from .lora import add_to_weight, base_shape, supported_base
 
 if TYPE_CHECKING:
     from ..io import AdapterFile
@@ -190,20 +190,14 @@ class VeraLayer(nn.Module):
         return delta_weight(self.kind, a, b, lam_d, lam_b)
 
     def merge(self) -> None:
-        if self.merged:
-            return
-        w = _weight(self.base_layer)
-        with torch.no_grad():
-            w.add_(self.delta().to(w.dtype))
-        self.merged = True
+        if not self.merged:
+            add_to_weight(self.base_layer, self.delta())
+            self.merged = True
 
     def unmerge(self) -> None:
-        if not self.merged:
-            return
-        w = _weight(self.base_layer)
-        with torch.no_grad():
-            w.sub_(self.delta().to(w.dtype))
-        self.merged = False
+        if self.merged:
+            add_to_weight(self.base_layer, -self.delta())
+            self.merged = False
 
     def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         if self.disabled and self.merged:
