@@ -49,6 +49,13 @@ def _apply_qlora(model: nn.Module, cfg: Any) -> nn.Module:
     # bf16 matmuls on a CPU without AVX512-BF16 are far slower than fp32).
     compute = next(model.parameters()).dtype
     quantize_model(model, compute_dtype=compute if compute.is_floating_point else torch.float32)
+    # transformers loads weights as views of the checkpoint's mmap; the kept embedding/norms would
+    # hold the whole mapping, with every page quantize_model read, resident (measured: +300 MiB RSS
+    # on SmolLM2-135M). Own copies release it.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.data = p.data.clone()
     return inject(model, cfg.lora)
 
 

@@ -168,7 +168,9 @@ def load_4bit_checkpoint(
     ``compute_dtype`` (default ``dtype``, as method ``qlora`` does; the file's
     ``bnb_4bit_compute_dtype`` is what bitsandbytes would use).  The state dict loads strictly.
     """
-    from safetensors.torch import load_file
+    import contextlib
+
+    from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
@@ -176,32 +178,52 @@ def load_4bit_checkpoint(
     config = AutoConfig.from_pretrained(root)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # we build the 4-bit layers ourselves, not transformers' quantizer
-    state: dict[str, torch.Tensor] = {}
-    for f in _safetensors_files(root):
-        state.update(load_file(f))
-    # "<name>" of every 4-bit linear -> its quant-state JSON (shape, block size, quant type).
-    metas = {k.split(".weight" + _QUANT_STATE_TAG)[0]: json.loads(bytes(v.numpy()))
-             for k, v in state.items() if _QUANT_STATE_TAG in k}
-    # Skeleton without initialisation: the untouched fp weights of the linears we replace are never
-    # written, so their pages are never resident (the peak stays near the 4-bit size).
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for name, meta in metas.items():
-        lin = model.get_submodule(name)
-        if not isinstance(lin, nn.Linear):
-            raise ValueError(f"{root}: {name!r} is 4-bit in the file but a {type(lin).__name__} in the model")
-        q = Linear4bit(lin.in_features, lin.out_features, lin.bias is not None, block_size=int(meta["blocksize"]),
-                       double_quant=f"{name}.weight.nested_absmax" in state, quant_type=str(meta["quant_type"]),
-                       compute_dtype=compute_dtype or dtype, dtype=dtype)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, q)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    with contextlib.ExitStack() as stack:
+        # Tensors are read one at a time straight into the model: a whole state dict in memory
+        # next to the model would double the load peak (measured: +~300 MiB on SmolLM2-135M).
+        handles = [stack.enter_context(safe_open(str(f), "pt")) for f in _safetensors_files(root)]
+        where = {k: h for h in handles for k in h.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+        # "<name>" of every 4-bit linear -> its quant-state JSON (shape, block size, quant type).
+        metas = {k.split(".weight" + _QUANT_STATE_TAG)[0]: json.loads(bytes(where[k].get_tensor(k).numpy()))
+                 for k in where if _QUANT_STATE_TAG in k}
+        # Skeleton without initialisation: the fp weights of the linears we replace are never
+        # written, so their pages are never resident.
+        with no_init_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        claimed: set[str] = set()
+        for name, meta in metas.items():
+            lin = model.get_submodule(name)
+            if not isinstance(lin, nn.Linear):
+                raise ValueError(f"{root}: {name!r} is 4-bit in the file but a {type(lin).__name__} in the model")
+            keys = [k for k in where if k == f"{name}.bias" or k == f"{name}.weight" or k.startswith(f"{name}.weight.")]
+            q = Linear4bit(lin.in_features, lin.out_features, lin.bias is not None, block_size=int(meta["blocksize"]),
+                           double_quant=f"{name}.weight.nested_absmax" in where, quant_type=str(meta["quant_type"]),
+                           compute_dtype=compute_dtype or dtype, dtype=dtype)
+            # get_tensor returns views of the file's mmap; the quant state would keep them (and the
+            # whole mapping, with every page read so far) alive: own copies instead.
+            q.load_state_dict({k[len(name) + 1 :]: where[k].get_tensor(k).clone() for k in keys})  # strict
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, q)
+            claimed.update(keys)
+        target = model.state_dict(keep_vars=True)
+        unexpected = [k for k in where if k not in claimed and k not in target]
+        if unexpected:
+            raise ValueError(f"{root}: tensors {unexpected[:5]} have no place in {type(model).__name__}")
+        with torch.no_grad():
+            for k in where:
+                if k in claimed:
+                    continue
+                t = where[k].get_tensor(k)
+                if tuple(t.shape) != tuple(target[k].shape):
+                    raise ValueError(f"{root}: {k} has shape {list(t.shape)}, the model needs {list(target[k].shape)}")
+                target[k].copy_(t)
     model.tie_weights()  # a tied output head is not in the file: it takes the loaded embedding
-    loaded = {t.data_ptr() for k, t in model.state_dict().items() if k in state}
-    missing = [k for k in missing if model.state_dict()[k].data_ptr() not in loaded]
-    if missing or unexpected:
-        raise ValueError(f"{root}: checkpoint does not fit {type(model).__name__}: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+    state = model.state_dict()
+    loaded = {state[k].data_ptr() for k in where if k in state}
+    persistent = [k for k in state if not any(k.startswith(f"{n}.") for n in metas)]
+    missing = [k for k in persistent if k not in where and state[k].data_ptr() not in loaded]
+    if missing:
+        raise ValueError(f"{root}: checkpoint does not fit {type(model).__name__}: missing {missing[:5]}")
     return model.eval()
 
 
