@@ -33,7 +33,8 @@ SETTINGS: dict[str, list[str]] = {
 
 def run_one(method: str, out: Path, num_train: int, extra: list[str]) -> dict:
     run_dir = out / method
-    sets = [f"method={method}", f"data.num_train={num_train}", f"output_dir={run_dir}", *SETTINGS[method], *extra]
+    sets = [f"method={method}", f"data.num_train={num_train}", f"output_dir={run_dir}", "eval.before=false",
+            *SETTINGS[method], *extra]
     cmd = [sys.executable, "-m", "deltatune.cli", "train", "--no-progress"]
     for s in sets:
         cmd += ["--set", s]
@@ -45,7 +46,6 @@ def run_one(method: str, out: Path, num_train: int, extra: list[str]) -> dict:
         "method": method,
         "trainable": summary["trainable_params"],
         "step_s": summary["train_seconds"] / max(1, summary["steps"]),
-        "em_before": summary["before"].get("exact_match"),
         "em_after": summary["after"].get("exact_match"),
         "peak_mb": summary["peak_memory_mb"],
     }

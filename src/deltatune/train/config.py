@@ -238,6 +238,9 @@ class EvalConfig:
     batch_size: int = field(
         default=40, metadata=_doc("Prompts per generation batch (finished rows leave the batch; larger is faster on CPU).")
     )
+    before: bool = field(
+        default=True, metadata=_doc("Also evaluate the base model before training (the 'before' of before/after).")
+    )
     exact_match: bool = field(
         default=True,
         metadata=_doc(

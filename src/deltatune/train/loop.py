@@ -208,7 +208,7 @@ def run(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer: Any = No
     before_path = out_dir / "before.json"
     if ckpt is not None and before_path.exists():
         before = json.loads(before_path.read_text())
-    elif not cfg.resume or ckpt is None:
+    elif cfg.eval.before and (not cfg.resume or ckpt is None):
         before = _evaluate(model, tokenizer, data, cfg, device, bf16, progress, "before training")
         atomic_write_bytes(before_path, json.dumps(before, indent=2).encode())
 
