@@ -12,7 +12,15 @@ Ten-line tour::
     plain = deltatune.unload(model)              # ordinary transformers model
 """
 
-from .inject import (
+import os as _os
+
+# Idle OpenMP worker threads sleep instead of spinning. Must happen before torch loads its OpenMP
+# runtime. On a busy CPU (2 cores here, one taken by another process) the spinning threads of a
+# 2-thread torch process starve each other: a small-matmul loop took 95 s instead of 8.3 s.
+# A user's own setting wins.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from .inject import (  # noqa: E402
     adapter_per_sample,
     delete_adapter,
     disable_adapters,
