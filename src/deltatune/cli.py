@@ -180,16 +180,24 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _merge_into_4bit(args: argparse.Namespace) -> int:
+    import copy
+    import warnings
+
     from . import load_adapter
     from .models import resolve_dtype
     from .quant.linear4bit import Linear4bit, quantize_model
     from .quant.merge import format_merge_report, merge_into_4bit_checkpoint, reference_batches
 
     model, tok = _load(args.model, None, args.dtype)
+    base16 = None
     if not any(isinstance(m, Linear4bit) for m in model.modules()):  # a 16-bit base: quantize as method qlora does
-        quantize_model(model, compute_dtype=resolve_dtype(args.dtype))
+        base16 = model
+        model = quantize_model(copy.deepcopy(base16), compute_dtype=resolve_dtype(args.dtype))
+        with warnings.catch_warnings():  # a QLoRA adapter's base checksums are of the 4-bit weights
+            warnings.simplefilter("ignore")
+            load_adapter(base16, args.adapter)
     load_adapter(model, args.adapter)
-    report = merge_into_4bit_checkpoint(model, tok, args.out, reference_batches(tok, args.data))
+    report = merge_into_4bit_checkpoint(model, tok, args.out, reference_batches(tok, args.data), base16)
     print("\n".join(format_merge_report(report)))
     print(f"merged 4-bit model written to {args.out} (report in merge_report.json; loads with "
           "transformers + bitsandbytes, or deltatune --model)")

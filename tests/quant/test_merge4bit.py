@@ -19,7 +19,13 @@ import deltatune
 from deltatune.cli import main
 from deltatune.models import load_model
 from deltatune.quant.linear4bit import Linear4bit, quantize_model
-from deltatune.quant.merge import merge_error_report, merged_4bit_copy, reference_batches
+from deltatune.quant.merge import (
+    merge_error_report,
+    merge_error_reports,
+    merged_4bit_copy,
+    quantize_like,
+    reference_batches,
+)
 from deltatune.quant.nf4 import dequantize_4bit, quantize_4bit
 from deltatune.testing import build_tiny_tokenizer
 
@@ -53,6 +59,14 @@ def _naive_merged(model: Any) -> Any:
         setattr(ref.get_submodule(parent), child, base)
     del ref.deltatune_state
     return ref
+
+
+def load_adapter_quiet(model: Any, path: Path) -> None:
+    import warnings
+
+    with warnings.catch_warnings():  # a QLoRA adapter's base checksums are of the 4-bit weights
+        warnings.simplefilter("ignore")
+        deltatune.load_adapter(model, path)
 
 
 def _ppl(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
@@ -109,6 +123,45 @@ def test_merged_copy_has_no_wrappers_and_refuses_a_16bit_base(llama_factory: Any
         merged_4bit_copy(plain)
 
 
+def _pair(llama_factory: Any, b_std: float) -> tuple[Any, Any]:
+    """(QLoRA model, the 16-bit model with the very same adapter): merge strategies start from these."""
+    fp = llama_factory()
+    q = quantize_model(copy.deepcopy(fp), compute_dtype=torch.float32)
+    for m in (q, fp):
+        torch.manual_seed(1)
+        deltatune.inject(m, deltatune.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for (_, lq), (_, lf) in zip(deltatune.lora_layers(q), deltatune.lora_layers(fp)):
+            b = torch.randn(lq.factors("default")[1].shape, generator=g) * b_std
+            lq.factors("default")[1].copy_(b)
+            lf.factors("default")[1].copy_(b)
+    return q, fp
+
+
+def test_quantize_like_copies_each_layers_settings(llama_factory: Any) -> None:
+    ref = quantize_model(llama_factory(), block_size=128, double_quant=False, compute_dtype=torch.float32,
+                         skip_modules=("lm_head", "down_proj"))
+    out = quantize_like(llama_factory(), ref)
+    assert {n for n, m in out.named_modules() if isinstance(m, Linear4bit)} == \
+        {n for n, m in ref.named_modules() if isinstance(m, Linear4bit)}
+    a, b = out.get_submodule("model.layers.1.self_attn.v_proj"), ref.get_submodule("model.layers.1.self_attn.v_proj")
+    assert a.quant_state.block_size == 128 and not a.quant_state.nested
+    assert torch.equal(a.weight, b.weight)  # same fp32 weights, same settings: same codes
+
+
+def test_from_16bit_keeps_a_small_delta_that_requantizing_erases(llama_factory: Any) -> None:
+    """Ŵ sits on an NF4 level, so Q(Ŵ + ΔW) drops a ΔW under half a step; W lies between levels, so
+    Q(W + ΔW) moves codes in proportion to ΔW (retained ≈ 1 on average, plus rounding noise)."""
+    q, fp = _pair(llama_factory, 0.003)
+    candidates = {"requantize": merged_4bit_copy(q), "from_16bit": quantize_like(deltatune.unload(fp), q)}
+    both = merge_error_reports(q, BATCHES, candidates)  # one pass, shared adapter/base forwards
+    requant, from16 = both["requantize"], both["from_16bit"]
+    assert requant["delta_retained_mean"] < 0.5
+    assert 0.8 < from16["delta_retained_mean"] < 1.2
+    assert merge_error_report(q, BATCHES, candidates["from_16bit"]) == from16
+
+
 def test_cli_merge_into_4bit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -133,17 +186,24 @@ def test_cli_merge_into_4bit(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert main(["merge", "--model", str(fp), "--adapter", str(tmp_path / "adapter"), "--out", str(out),
                  "--into-4bit", "--dtype", "fp32"]) == 0
     text = capsys.readouterr().out
-    assert "max |Δ logit|" in text and "perplexity on" in text and "ΔW kept by requantization" in text
+    assert "max |Δ logit|" in text and "perplexity on" in text and "ΔW kept:" in text
     report = json.loads((out / "merge_report.json").read_text())
     assert report["max_abs_logit_diff"] > 0 and report["layers_measured"] == 14
-    # the written checkpoint is the merged 4-bit model, and reloads as one
-    merged_ref = merged_4bit_copy(model)
+    # both strategies were measured; the written checkpoint is the one with the lower mean |Δ logit|
+    strategies = report["strategies"]
+    assert set(strategies) == {"requantize", "from_16bit"}
+    assert report["strategy"] == min(strategies, key=lambda k: strategies[k]["mean_abs_logit_diff"])
+    assert "not written:" in text
+    fp_merged, _ = load_model(fp, dtype="fp32")
+    load_adapter_quiet(fp_merged, tmp_path / "adapter")
+    expected = {"requantize": merged_4bit_copy(model),
+                "from_16bit": quantize_model(deltatune.unload(fp_merged), compute_dtype=torch.float32)}
     loaded, _ = load_model(out, dtype="fp32")
     assert sum(isinstance(m, Linear4bit) for m in loaded.modules()) == 14
     ids = reference_batches(tok, max_length=64, batch_size=2, num_examples=2)[0]
+    kw = {k: ids[k] for k in ("input_ids", "attention_mask")}
     with torch.no_grad():
-        assert torch.equal(loaded(**{k: ids[k] for k in ("input_ids", "attention_mask")}).logits,
-                           merged_ref(**{k: ids[k] for k in ("input_ids", "attention_mask")}).logits)
+        assert torch.equal(loaded(**kw).logits, expected[report["strategy"]](**kw).logits)
     # the report's reference text is the built-in task's held-out split by default, or --data
     data = tmp_path / "ref.jsonl"
     data.write_text("\n".join(json.dumps({"text": f"reference sentence number {i}."}) for i in range(5)))

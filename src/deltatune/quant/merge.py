@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -23,8 +23,8 @@ from torch import Tensor, nn
 
 from .linear4bit import Linear4bit
 
-__all__ = ["merged_4bit_copy", "merge_error_report", "reference_batches", "merge_into_4bit_checkpoint",
-           "format_merge_report"]
+__all__ = ["merged_4bit_copy", "merge_error_report", "merge_error_reports", "reference_batches", "merge_into_4bit_checkpoint",
+           "quantize_like", "format_merge_report"]
 
 
 def merged_4bit_copy(model: nn.Module) -> nn.Module:
@@ -106,59 +106,72 @@ def merge_error_report(
     ``ppl_base`` / ``ppl_adapter`` / ``ppl_merged``, ``ppl_change`` (merged − adapter) and
     ``ppl_change_percent``, ``tokens``, and the ΔW retention statistics of the 4-bit layers.
     """
+    merged = merged if merged is not None else merged_4bit_copy(model)
+    return merge_error_reports(model, batches, {"merged": merged})["merged"]
+
+
+@torch.no_grad()
+def merge_error_reports(
+    model: nn.Module, batches: Iterable[Mapping[str, Tensor]], merged: Mapping[str, nn.Module]
+) -> dict[str, dict[str, Any]]:
+    """:func:`merge_error_report` for several merged candidates in one pass: the adapter and base
+    forwards are shared.  Returns one report per key of ``merged``."""
     from ..inject import disable_adapters
 
-    merged = merged if merged is not None else merged_4bit_copy(model)
-    was = model.training, merged.training
-    model.eval()
-    merged.eval()
-    max_diff = max_adapter = 0.0
-    abs_sum = 0.0
-    agree = positions = 0
-    ce = {"base": 0.0, "adapter": 0.0, "merged": 0.0}
-    n_loss = 0
+    models = {"adapter": model, **merged}
+    was = {k: m.training for k, m in models.items()}
+    for m in models.values():
+        m.eval()
+    stats = {k: {"max": 0.0, "sum": 0.0, "agree": 0} for k in merged}
+    ce = dict.fromkeys(["base", *models], 0.0)
+    n_loss = positions = 0
+    max_adapter = 0.0
     hf: Any = model
     try:
         for batch in batches:
             dev = next(model.parameters()).device
             b = {k: v.to(dev) for k, v in batch.items()}
             kw = {"input_ids": b["input_ids"], "attention_mask": b.get("attention_mask")}
-            logits = {"adapter": hf(**kw).logits.float(), "merged": merged(**kw).logits.float()}
+            logits = {k: m(**kw).logits.float() for k, m in models.items()}  # (B, T, V) each
             with disable_adapters(model):
                 logits["base"] = hf(**kw).logits.float()
             for key, lg in logits.items():
-                mask, s, count = _token_stats(lg, b)  # mask (B, T) and count: the same for all three
+                mask, s, count = _token_stats(lg, b)  # mask (B, T) and count: the same for all
                 ce[key] += float(s)
             n_loss += int(count)
-            diff = (logits["merged"] - logits["adapter"]).abs()[mask]  # (N, V) attended positions
-            max_diff = max(max_diff, float(diff.max()) if diff.numel() else 0.0)
-            abs_sum += float(diff.sum())
             positions += int(mask.sum())
-            agree += int((logits["merged"].argmax(-1) == logits["adapter"].argmax(-1))[mask].sum())
-            eff = (logits["adapter"] - logits["base"]).abs()[mask]
+            ref = logits["adapter"]
+            for key, st in stats.items():
+                diff = (logits[key] - ref).abs()[mask]  # (N, V) attended positions
+                st["max"] = max(st["max"], float(diff.max()) if diff.numel() else 0.0)
+                st["sum"] += float(diff.sum())
+                st["agree"] += int((logits[key].argmax(-1) == ref.argmax(-1))[mask].sum())
+            eff = (ref - logits["base"]).abs()[mask]
             max_adapter = max(max_adapter, float(eff.max()) if eff.numel() else 0.0)
     finally:
-        model.train(was[0])
-        merged.train(was[1])
+        for k, m in models.items():
+            m.train(was[k])
     if positions == 0:
         raise ValueError("merge_error_report: the reference batches hold no token")
-    vocab = next(iter(logits.values())).shape[-1]
+    vocab = ref.shape[-1]
     ppl = {k: math.exp(min(v / max(1, n_loss), 50.0)) for k, v in ce.items()}
-    report: dict[str, Any] = {
-        "tokens": positions,
-        "loss_tokens": n_loss,
-        "max_abs_logit_diff": max_diff,
-        "mean_abs_logit_diff": abs_sum / (positions * vocab),
-        "top1_agreement": agree / positions,
-        "max_abs_logit_adapter": max_adapter,
-        "ppl_base": ppl["base"],
-        "ppl_adapter": ppl["adapter"],
-        "ppl_merged": ppl["merged"],
-        "ppl_change": ppl["merged"] - ppl["adapter"],
-        "ppl_change_percent": 100.0 * (ppl["merged"] / ppl["adapter"] - 1.0),
-    }
-    report.update(_weight_stats(model, merged))
-    return report
+    reports: dict[str, dict[str, Any]] = {}
+    for key, st in stats.items():
+        reports[key] = {
+            "tokens": positions,
+            "loss_tokens": n_loss,
+            "max_abs_logit_diff": st["max"],
+            "mean_abs_logit_diff": st["sum"] / (positions * vocab),
+            "top1_agreement": st["agree"] / positions,
+            "max_abs_logit_adapter": max_adapter,
+            "ppl_base": ppl["base"],
+            "ppl_adapter": ppl["adapter"],
+            "ppl_merged": ppl[key],
+            "ppl_change": ppl[key] - ppl["adapter"],
+            "ppl_change_percent": 100.0 * (ppl[key] / ppl["adapter"] - 1.0),
+            **_weight_stats(model, merged[key]),
+        }
+    return reports
 
 
 def reference_batches(
@@ -188,35 +201,81 @@ def reference_batches(
     return [collate(cast(Any, rows[i : i + batch_size]), pad) for i in range(0, len(rows), batch_size)]
 
 
+def quantize_like(model16: nn.Module, reference: nn.Module) -> nn.Module:
+    """Quantize, in place, every linear of ``model16`` that is a :class:`Linear4bit` in ``reference``
+    (same path, or ``<path>.base_layer`` under an adapter), with that layer's block size, double
+    quantization, quant type and compute dtype.  Returns ``model16``."""
+    for path, q in list(reference.named_modules()):
+        if not isinstance(q, Linear4bit):
+            continue
+        path = path.removesuffix(".base_layer")
+        lin = model16.get_submodule(path)
+        if not isinstance(lin, nn.Linear):
+            raise ValueError(f"{path!r} is a {type(lin).__name__} in the 16-bit model, not a linear to quantize")
+        s = q.quant_state
+        parent, _, child = path.rpartition(".")
+        setattr(model16.get_submodule(parent) if parent else model16, child,
+                Linear4bit.from_linear(lin, s.block_size, s.nested, s.quant_type, q.compute_dtype))
+    return model16
+
+
 def merge_into_4bit_checkpoint(
-    model: nn.Module, tokenizer: Any, out: str | os.PathLike[str], batches: Iterable[Mapping[str, Tensor]]
+    model: nn.Module,
+    tokenizer: Any,
+    out: str | os.PathLike[str],
+    batches: Sequence[Mapping[str, Tensor]],
+    base16: nn.Module | None = None,
 ) -> dict[str, Any]:
-    """Merge ``model``'s adapters into its 4-bit base, measure the error on ``batches``, write the
+    """Merge ``model``'s adapters into a 4-bit base, measure the error on ``batches``, write the
     merged model to ``out`` as a bitsandbytes-layout 4-bit checkpoint plus ``merge_report.json``,
-    and return the report.  ``model`` itself stays unmerged."""
+    and return the report.  ``model`` itself stays unmerged.
+
+    Two ways to get a 4-bit merged weight, both measured against the unmerged ``model``:
+    ``requantize``: Q(Ŵ + ΔW), always possible; a ΔW under half an NF4 step is erased, because
+    Ŵ sits exactly on a level.  ``from_16bit``: Q(W + ΔW) from the 16-bit base ``base16`` (the same
+    adapters loaded on it; consumed), quantized like ``model``: W lies between levels, so ΔW moves
+    codes in proportion to its size, at the price of fresh rounding noise.  The one with the lower
+    mean |Δ logit| is written; the report carries both (``strategies``) and ``strategy``.
+    """
     import json
 
+    from ..inject import unload
     from .checkpoint import save_4bit_checkpoint
 
-    merged = merged_4bit_copy(model)
-    report = merge_error_report(model, batches, merged)
-    target = save_4bit_checkpoint(merged, tokenizer, out)
+    candidates = {"requantize": merged_4bit_copy(model)}
+    if base16 is not None:
+        candidates["from_16bit"] = quantize_like(unload(base16), model)
+    reports = merge_error_reports(model, batches, candidates)
+    best = min(reports, key=lambda k: reports[k]["mean_abs_logit_diff"])
+    report: dict[str, Any] = {"strategy": best, **reports[best]}
+    if len(reports) > 1:
+        report["strategies"] = reports
+    target = save_4bit_checkpoint(candidates[best], tokenizer, out)
     (target / "merge_report.json").write_text(json.dumps(report, indent=2))
     return report
 
 
+_STRATEGY = {"requantize": "Q(Ŵ + ΔW), requantized from the 4-bit base",
+             "from_16bit": "Q(W + ΔW), quantized from the 16-bit base"}
+
+
 def format_merge_report(report: Mapping[str, Any]) -> list[str]:
-    """Three lines for ``deltatune merge --into-4bit``."""
+    """Lines for ``deltatune merge --into-4bit``."""
     lines = [
-        f"merge into 4 bits: max |Δ logit| {report['max_abs_logit_diff']:.4g} vs the unmerged adapter "
-        f"(the adapter itself moves logits by up to {report['max_abs_logit_adapter']:.4g}); "
-        f"top-1 agreement {100 * report['top1_agreement']:.2f}%",
+        f"merge into 4 bits ({_STRATEGY.get(report.get('strategy', 'requantize'), '?')}): max |Δ logit| "
+        f"{report['max_abs_logit_diff']:.4g} vs the unmerged adapter (the adapter itself moves logits by up to "
+        f"{report['max_abs_logit_adapter']:.4g}); top-1 agreement {100 * report['top1_agreement']:.2f}%",
         f"perplexity on {report['loss_tokens']:,d} reference tokens: base {report['ppl_base']:.4f}, "
         f"adapter {report['ppl_adapter']:.4f}, merged 4-bit {report['ppl_merged']:.4f} "
         f"({report['ppl_change_percent']:+.3f}%)",
     ]
     if report.get("layers_measured"):
-        lines.append(f"ΔW kept by requantization: {100 * report['delta_retained_mean']:.1f}% on average "
+        lines.append(f"ΔW kept: {100 * report['delta_retained_mean']:.1f}% on average "
                      f"(min {100 * report['delta_retained_min']:.1f}%) over {report['layers_measured']} layers; "
-                     f"requantization error {report['requant_error_over_delta_mean']:.2f}·‖ΔW‖")
+                     f"weight error {report['requant_error_over_delta_mean']:.2f}·‖ΔW‖")
+    for name, other in (report.get("strategies") or {}).items():
+        if name != report.get("strategy"):
+            lines.append(f"not written: {_STRATEGY.get(name, name)}: max |Δ logit| {other['max_abs_logit_diff']:.4g}, "
+                         f"mean {other['mean_abs_logit_diff']:.3g} (chosen: {report['mean_abs_logit_diff']:.3g}), "
+                         f"merged perplexity {other['ppl_merged']:.4f}")
     return lines
