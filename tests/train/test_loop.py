@@ -51,6 +51,8 @@ def test_train_resume_equals_uninterrupted(model_dir: Path, tmp_path: Path) -> N
     summary = json.loads((full / "summary.json").read_text())
     assert summary["steps"] == 6 and (full / "adapter" / "adapter_config.json").exists()
     assert (full / "loss.png").stat().st_size > 1000
+    preds = [json.loads(x) for x in (full / "predictions_after.jsonl").read_text().splitlines()]
+    assert len(preds) == 4 and {"reference", "prediction", "exact_match"} <= preds[0].keys()
     assert {"before", "after", "trainable_params", "tokens_per_s", "peak_memory_mb"} <= summary.keys()
 
     # Interrupted after 2 steps (as Ctrl-C would), then resumed.

@@ -127,7 +127,7 @@ def _exact_match(model: nn.Module, tokenizer: Any, data: PreparedData, cfg: Trai
 
 
 def _evaluate(model: nn.Module, tokenizer: Any, data: PreparedData, cfg: TrainConfig, device: torch.device,
-              bf16: bool, progress: bool, tag: str) -> dict[str, Any]:
+              bf16: bool, progress: bool, tag: str, predictions_path: Path | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     pad = int(tokenizer.pad_token_id)
     if data.eval:
@@ -140,6 +140,12 @@ def _evaluate(model: nn.Module, tokenizer: Any, data: PreparedData, cfg: TrainCo
         out["examples"] = [{"reference": r, "prediction": p}
                            for r, p in list(zip(data.eval_references, preds))[:3]]
         out["generate_seconds"] = round(time.perf_counter() - t0, 2)
+        if predictions_path is not None:  # every prediction, to see which ones fail
+            from ..tasks import exact_match
+
+            lines = [json.dumps({"reference": r, "prediction": p, "exact_match": exact_match(p, r)})
+                     for r, p in zip(data.eval_references, preds)]
+            atomic_write_bytes(predictions_path, ("\n".join(lines) + "\n").encode())
     log.info("%s: %s", tag, {k: v for k, v in out.items() if k != "examples"})
     return out
 
@@ -209,7 +215,8 @@ def run(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer: Any = No
     if ckpt is not None and before_path.exists():
         before = json.loads(before_path.read_text())
     elif cfg.eval.before and (not cfg.resume or ckpt is None):
-        before = _evaluate(model, tokenizer, data, cfg, device, bf16, progress, "before training")
+        before = _evaluate(model, tokenizer, data, cfg, device, bf16, progress, "before training",
+                           out_dir / "predictions_before.jsonl")
         atomic_write_bytes(before_path, json.dumps(before, indent=2).encode())
 
     micro_per_epoch = math.ceil(len(data.train) / cfg.train.batch_size)
@@ -329,7 +336,8 @@ def run(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer: Any = No
 
     _save_result(model, tokenizer, cfg, out_dir, method.saves)
     with _merged_for_inference(model):
-        after = _evaluate(model, tokenizer, data, cfg, device, bf16, progress, "after training")
+        after = _evaluate(model, tokenizer, data, cfg, device, bf16, progress, "after training",
+                          out_dir / "predictions_after.jsonl")
     from .plots import plot_losses
 
     plot_losses(metrics_path, out_dir / "loss.png")
