@@ -204,7 +204,7 @@ def test_train_config_defaults_and_validation() -> None:
     assert isinstance(cfg.lora, LoraConfig)
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.target_modules) == (16, 32.0, "all-linear")
     assert cfg.data.train_file is None and (cfg.data.num_train, cfg.data.num_eval) == (320, 40)
-    assert cfg.train.lr == pytest.approx(2e-4) and cfg.train.max_grad_norm == 1.0
+    assert cfg.train.lr == pytest.approx(5e-4) and cfg.train.max_grad_norm == 1.0
     assert "{timestamp}" not in str(cfg.resolve_output_dir())
 
 

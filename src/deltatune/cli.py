@@ -123,11 +123,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     s = result.summary
     b, a = s["before"], s["after"]
     print(f"\nrun directory: {result.output_dir}")
+    def pct(d: dict[str, Any]) -> str:
+        return f"{100 * d['exact_match']:.1f}%" if "exact_match" in d else "—"
+
+    def loss(d: dict[str, Any]) -> str:
+        return f"{d['eval_loss']:.4f}" if "eval_loss" in d else "—"
+
     if "exact_match" in a:
-        print(f"exact match on {s['data']['eval_rows']} held-out examples: "
-              f"{100 * b.get('exact_match', 0):.1f}% before → {100 * a['exact_match']:.1f}% after")
+        print(f"exact match on {s['data']['eval_rows']} held-out examples: {pct(b)} before → {pct(a)} after")
     if "eval_loss" in a:
-        print(f"held-out loss: {b.get('eval_loss', float('nan')):.4f} → {a['eval_loss']:.4f}")
+        print(f"held-out loss: {loss(b)} → {loss(a)}")
     print(f"trainable params: {s['trainable_params']:,d} of {s['all_params']:,d} ({s['trainable_percent']:.3f}%)  "
           f"train {s['train_seconds']:.0f} s at {s['tokens_per_s']:.0f} tok/s; total {s['wall_seconds']:.0f} s; "
           f"peak memory {s['peak_memory_mb']:.0f} MiB")

@@ -154,7 +154,10 @@ class DataConfig:
 class LoopConfig:
     """Optimisation and the training loop."""
 
-    lr: float = field(default=2e-4, metadata=_doc("Peak learning rate."))
+    lr: float = field(
+        default=5e-4,
+        metadata=_doc("Peak learning rate (LoRA-family default; use ~2e-5 for method 'full')."),
+    )
     weight_decay: float = field(default=0.0, metadata=_doc("AdamW decoupled weight decay."))
     betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=_doc("AdamW (beta1, beta2)."))
     eps: float = field(default=1e-8, metadata=_doc("AdamW epsilon."))
