@@ -95,3 +95,20 @@ def test_qlora_trains_through_the_registry(llama_factory) -> None:
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_dequantize_on_the_thread_pool_inside_inference_mode() -> None:
+    """The chunked CPU path runs on worker threads; inference mode must follow the caller there."""
+    from deltatune.quant.nf4 import dequantize_4bit, quantize_4bit
+
+    w = torch.randn(512, 1024)
+    packed, state = quantize_4bit(w, 64, True, "nf4")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the pool is used only with several torch threads
+    try:
+        with torch.inference_mode():
+            inside = dequantize_4bit(packed, state, torch.float32)
+        outside = dequantize_4bit(packed, state, torch.float32)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(inside, outside)

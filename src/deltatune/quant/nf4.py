@@ -120,9 +120,17 @@ def _for_chunks(fn: Callable[[int, int], None], total: int, step: int, on_cpu: b
         return
     if _pool is None or _pool[0] != os.getpid() or _pool[1]._max_workers != n_threads:
         _pool = (os.getpid(), ThreadPoolExecutor(n_threads, thread_name_prefix="deltatune-quant"))
+    # Inference mode is thread-local: a worker must be in it exactly when the caller is, or it may
+    # not write into the caller's (inference) output tensor.
+    inference = torch.is_inference_mode_enabled()
+
+    def run(r: tuple[int, int]) -> None:
+        with torch.inference_mode(inference):
+            fn(*r)
+
     torch.set_num_threads(1)
     try:
-        for _ in _pool[1].map(lambda r: fn(*r), ranges):
+        for _ in _pool[1].map(run, ranges):
             pass
     finally:
         torch.set_num_threads(n_threads)
