@@ -120,3 +120,29 @@ def test_lr_schedule() -> None:
     assert lr_lambda(0, 10, 2, "cosine") == 0.5 and lr_lambda(1, 10, 2, "cosine") == 1.0
     assert lr_lambda(2, 10, 2, "cosine") == 1.0 and abs(lr_lambda(6, 10, 2, "cosine") - 0.5) < 1e-12
     assert lr_lambda(6, 10, 2, "linear") == 0.5 and lr_lambda(9, 10, 0, "constant") == 1.0
+
+
+def test_sigterm_writes_a_checkpoint_and_resume_finishes(model_dir: Path, tmp_path: Path) -> None:
+    """A real signal (as Ctrl-C/SIGTERM): the run finishes its step, checkpoints, exits 130."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "sig"
+    args = _args(model_dir, out, "data.num_train=400", "train.batch_size=2")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "deltatune.cli", "train", "--no-progress", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    text, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, text[-2000:]
+    ckpts = list((out / "checkpoints").glob("step-*"))
+    assert len(ckpts) == 1 and "resume with" in text
+    done = int(ckpts[0].name.split("-")[1])
+    assert 2 <= done < 200 and not (out / "summary.json").exists()
