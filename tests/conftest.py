@@ -81,3 +81,21 @@ def tiny_llama() -> LlamaForCausalLM:
 @pytest.fixture
 def tiny_gpt2() -> GPT2LMHeadModel:
     return make_tiny_gpt2()
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny Llama + the tiny tokenizer saved as an HF model directory (for CLI/loop tests)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from deltatune.testing import build_tiny_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny-model")
+    tok = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d

@@ -342,20 +342,6 @@ def test_bad_file_and_config_errors(tmp_path: Path) -> None:
     assert isinstance(model.model.layers[0].self_attn.q_proj, AdaLoraLayer)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from deltatune.testing import build_tiny_tokenizer
-
-    d = tmp_path_factory.mktemp("tiny-model")
-    tok = build_tiny_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
 
 def test_train_two_steps_through_the_loop(model_dir: Path, tmp_path: Path) -> None:
     from deltatune.config import load_config
