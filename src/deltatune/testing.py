@@ -119,3 +119,18 @@ def make_tiny_gpt2(vocab_size: int = TINY_VOCAB, *, seed: int = 0, **overrides: 
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(GPT2Config(**kwargs))
     return model.float().eval()
+
+
+def bnb_fp32_reference(model: torch.nn.Module) -> torch.nn.Module:
+    """Make a transformers + bitsandbytes 4-bit model compute as its config says (in place).
+
+    bitsandbytes >= 0.48 on a CPU with AVX512-BF16 routes no-grad inference of ``Linear4bit``
+    through a fused kernel that casts the input *and the absmax* to bf16, whatever
+    ``bnb_4bit_compute_dtype`` is: its logits then differ from an fp32 reference by ~1e-3.
+    Turning that off gives bitsandbytes' own dequantize + fp32 matmul, which is what the storage
+    format defines and what our tests compare with (on other CPUs nothing changes).
+    """
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            setattr(m, "support_avx512bf16_for_cpu", False)  # noqa: B010 (attribute is not typed)
+    return model

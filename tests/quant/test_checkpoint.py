@@ -20,7 +20,7 @@ from deltatune.cli import main
 from deltatune.models import load_model
 from deltatune.quant.checkpoint import checkpoint_storage_report, save_4bit_checkpoint
 from deltatune.quant.linear4bit import Linear4bit, model_storage_report, quantize_model
-from deltatune.testing import build_tiny_tokenizer
+from deltatune.testing import bnb_fp32_reference, build_tiny_tokenizer
 
 IDS = torch.randint(4, 250, (2, 13), generator=torch.Generator().manual_seed(0))
 
@@ -42,7 +42,8 @@ def _fp_dir(tmp_path: Path, llama_factory: Any, tie: bool) -> Path:
 def _bnb_model(path: Path, **kw: Any) -> Any:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=torch.float32, **kw).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=torch.float32, **kw).eval()
+    return bnb_fp32_reference(model)
 
 
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
@@ -143,7 +144,8 @@ def test_cli_quantize_info_and_atomic_replace(llama_factory: Any, tmp_path: Path
                                               capsys: pytest.CaptureFixture[str]) -> None:
     fp = _fp_dir(tmp_path, llama_factory, tie=True)
     out = tmp_path / "q4"
-    assert main(["quantize", str(fp), "--out", str(out), "--dtype", "fp32", "--block-size", "128"]) == 0
+    assert main(["quantize", str(fp), "--out", str(out), "--dtype", "fp32", "--compute-dtype", "fp32",
+                 "--block-size", "128"]) == 0
     printed = capsys.readouterr().out
     assert "nf4_packed" in printed and "4-bit weights: 73,728 parameters" in printed
     qc = json.loads((out / "config.json").read_text())["quantization_config"]

@@ -12,6 +12,7 @@ from torch import nn
 
 from deltatune.quant.linear4bit import Linear4bit, model_storage_report, quantize_model
 from deltatune.quant.nf4 import dequantize_4bit, quantize_4bit
+from deltatune.testing import bnb_fp32_reference
 
 
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -142,7 +143,7 @@ def test_loads_transformers_bitsandbytes_checkpoint(llama_factory) -> None:  # t
         ref = AutoModelForCausalLM.from_pretrained(
             d, quantization_config=cfg, device_map="cpu", dtype=torch.float32
         )
-    ref.eval()
+    bnb_fp32_reference(ref.eval())
     ref_sd = ref.state_dict()
 
     ours = llama_factory()
