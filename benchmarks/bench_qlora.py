@@ -16,7 +16,7 @@
    after loading), and the RSS of the bare imports.  Target: deltatune QLoRA ≤ 0.8 × PEFT+bnb.
 
 Usage:
-  python benchmarks/bench_qlora.py step   [--threads 1] [--repeats 7] [--hidden 576] [--layers 4] [--tokens 512]
+  python benchmarks/bench_qlora.py step   [--threads 1] [--repeats 7] [--hidden 576] [--layers 4] [--tokens 512] [--dtype bf16]
   python benchmarks/bench_qlora.py memory [--threads 1] [--steps 3] [--grad-ckpt]
 """
 
@@ -70,7 +70,8 @@ def bench_step(args: argparse.Namespace) -> None:
     cfg = LlamaConfig(vocab_size=2048, hidden_size=args.hidden, intermediate_size=int(args.hidden * 8 / 3) // 64 * 64,
                       num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 3),
                       max_position_embeddings=4096)
-    base = LlamaForCausalLM(cfg).float()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    base = LlamaForCausalLM(cfg).to(dtype)
     ids = torch.randint(0, 2048, (4, args.tokens // 4))
     lcfg = deltatune.LoraConfig(r=16, alpha=32, target_modules=TARGETS)
 
@@ -79,20 +80,27 @@ def bench_step(args: argparse.Namespace) -> None:
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
         def step() -> None:
-            model(input_ids=ids, labels=ids).loss.backward()
+            # bf16: the base in bf16, LoRA weights fp32 under autocast (as `deltatune train`)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
         return step
 
     lora = deltatune.inject(copy.deepcopy(base), lcfg)
-    qlora = deltatune.inject(quantize_model(copy.deepcopy(base), compute_dtype=torch.float32), lcfg)
+    qlora = deltatune.inject(quantize_model(copy.deepcopy(base), compute_dtype=dtype), lcfg)
+    for m in (lora, qlora):  # trainable parameters in fp32, as the training loop keeps them
+        for p in m.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
     fns = {"lora": step_fn(lora), "qlora": step_fn(qlora)}
     if args.peft:
-        fns["peft_bnb"] = step_fn(_peft_bnb_from(base))
+        fns["peft_bnb"] = step_fn(_peft_bnb_from(base, dtype))
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     print(f"model: Llama hidden={args.hidden} layers={args.layers} (intermediate {cfg.intermediate_size}), "
-          f"{args.tokens} tokens/batch, LoRA r=16 on all 7 projections, fp32, threads={args.threads}, "
+          f"{args.tokens} tokens/batch, LoRA r=16 on all 7 projections, {args.dtype}, threads={args.threads}, "
           f"min of {args.repeats}, {args.clock} clock")
     t = timeit_interleaved(fns, args.repeats, clock)
     print("train step ms:  " + "  ".join(f"{k} {v * 1e3:.1f}" for k, v in t.items()))
@@ -102,16 +110,16 @@ def bench_step(args: argparse.Namespace) -> None:
               f"deltatune QLoRA / PEFT+bnb = {t['qlora'] / t['peft_bnb']:.3f}")
 
 
-def _peft_bnb_from(base: torch.nn.Module) -> torch.nn.Module:
+def _peft_bnb_from(base: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """PEFT LoRA over a transformers + bitsandbytes 4-bit load of ``base`` (via a temp directory)."""
     import peft
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.float32)
+                             bnb_4bit_compute_dtype=dtype)
     with tempfile.TemporaryDirectory() as d:
         base.save_pretrained(d)  # type: ignore[operator]
-        q = AutoModelForCausalLM.from_pretrained(d, quantization_config=bnb, device_map="cpu", dtype=torch.float32)
+        q = AutoModelForCausalLM.from_pretrained(d, quantization_config=bnb, device_map="cpu", dtype=dtype)
     cfg = peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0)
     return peft.get_peft_model(q, cfg)
 
@@ -249,6 +257,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=512, help="tokens per batch (batch 4 × tokens/4)")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="cpu")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                    help="step: base and compute dtype (bf16: autocast, fp32 LoRA weights)")
     ap.add_argument("--no-peft", dest="peft", action="store_false", help="step: skip PEFT + bitsandbytes")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--grad-ckpt", action="store_true")

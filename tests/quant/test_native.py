@@ -55,32 +55,42 @@ def test_kernel_builds_where_a_compiler_exists(fresh_cache: Path) -> None:
     assert list(fresh_cache.glob("native/*/libdeltatune_quant.so")) == built
 
 
+ISA_LEVELS = {0: "portable C", 1: "SSSE3", 2: "AVX2", 3: "AVX-512"}  # deltatune_set_max_isa
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "plain"])
 def test_native_equals_torch_path_and_naive_formula(quant_type: str, double_quant: bool,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    if _native.dequant_kernel() is None:
+    """Every code path of the kernel (each ISA level this CPU has; lower levels are forced), both
+    thread counts, all output dtypes: the pure-PyTorch path's bits and the naive formula."""
+    kernel = _native.dequant_kernel()
+    if kernel is None:
         pytest.skip("native kernel unavailable (no C compiler)")
     torch.manual_seed(0)
-    # block sizes hit the AVX2 (bs % 64 == 0), SSSE3 (32) paths; shapes hit ragged tails,
-    # a single block, and > 2^20 outputs (the threaded split, with 2 threads below)
+    # block sizes: % 64 == 0 (AVX2 / AVX-512 paths) and 32 (SSSE3 only); shapes: ragged tails,
+    # a single element, and > 2^20 outputs (the threaded split, with 2 threads below)
     cases = [(32, (96, 64)), (64, (33, 17)), (64, (1, 1)), (128, (7, 1023)), (4096, (3, 4096 + 5)),
              (64, (1024, 1100)), (256, (2048, 600))]
-    before = torch.get_num_threads()
+    threads_before = torch.get_num_threads()
+    isa_before = kernel.set_max_isa(3)
     try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            for bs, shape in cases:
-                w = torch.randn(shape) * 0.05
-                w.view(-1)[:: 97] = 0.0  # exact zeros: absmax-relative code 0 of NF4
-                packed, state = quantize_4bit(w, bs, double_quant=double_quant, quant_type=quant_type)
-                for dtype in (torch.float32, torch.bfloat16, torch.float16):
-                    ours = dequantize_4bit(packed, state, dtype)
-                    what = (threads, bs, shape, dtype)
-                    assert torch.equal(_bits(ours), _bits(_torch_path(packed, state, dtype, monkeypatch))), what
-                    assert torch.equal(ours, _naive(packed, state, dtype)), what
+        for bs, shape in cases:
+            w = torch.randn(shape) * 0.05
+            w.view(-1)[::97] = 0.0  # exact zeros: absmax-relative code 0 of NF4
+            packed, state = quantize_4bit(w, bs, double_quant=double_quant, quant_type=quant_type)
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                ref = _torch_path(packed, state, dtype, monkeypatch)
+                assert torch.equal(ref, _naive(packed, state, dtype)), (bs, shape, dtype)
+                for isa in ISA_LEVELS:
+                    kernel.set_max_isa(isa)
+                    for threads in (1, 2):
+                        torch.set_num_threads(threads)
+                        ours = dequantize_4bit(packed, state, dtype)
+                        assert torch.equal(_bits(ours), _bits(ref)), (ISA_LEVELS[isa], threads, bs, shape, dtype)
     finally:
-        torch.set_num_threads(before)
+        kernel.set_max_isa(isa_before)
+        torch.set_num_threads(threads_before)
 
 
 def test_fp16_rounding_edges_match_torch(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,8 +2,8 @@
 
 Eager PyTorch needs two full passes to dequantize (a codebook lookup, then the multiply by the
 block absmax) and ends at ~1.8x the time of merely writing the output; bitsandbytes' C++ kernel is
-at ~1.1x.  ``csrc/dequant4bit.c`` does it in one pass (pshufb table lookups, SSSE3/AVX2 chosen at
-run time, plain C elsewhere) with the same arithmetic, so its results are bit-identical to the
+at ~1.1x.  ``csrc/dequant4bit.c`` does it in one pass (register table lookups, AVX-512 / AVX2 /
+SSSE3 chosen at run time, plain C elsewhere) with the same arithmetic, so its results are bit-identical to the
 pure-PyTorch path, which stays the fallback and the device-agnostic reference.
 
 Why ctypes and not a torch C++ extension: the file has no torch headers, so it compiles in well
@@ -97,6 +97,9 @@ def dequant_kernel() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
             p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
             fn.argtypes = [p, p, p, p, ctypes.c_float, i64, p, p, i64, i64, i32, i32]
             fn.restype = ctypes.c_int
+            fn.set_max_isa = lib.deltatune_set_max_isa  # type: ignore[attr-defined]  # tests
+            fn.set_max_isa.argtypes = [ctypes.c_int]  # type: ignore[attr-defined]
+            fn.set_max_isa.restype = ctypes.c_int  # type: ignore[attr-defined]
         except Exception as e:  # any failure means: use the PyTorch path
             log.warning(
                 "deltatune: native 4-bit dequantize kernel unavailable, using PyTorch (~1.6x slower): %s", e

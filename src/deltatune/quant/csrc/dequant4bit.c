@@ -8,8 +8,9 @@
  *
  * Why a kernel: eager PyTorch needs a lookup pass and a multiply pass with a temporary between
  * them (~1.8x the time of writing the output); here each block builds its 16 scaled values once
- * and the inner loop is table lookups with pshufb (SSSE3 / AVX2, picked at run time), or plain
- * C on other CPUs.
+ * and the inner loop is table lookups: vpermps / vpermw (AVX-512), pshufb on byte planes (AVX2,
+ * SSSE3), picked at run time, or plain C on other CPUs.  All paths give the same bits (tested
+ * against each other and against PyTorch in tests/quant/test_native.py).
  */
 #include <stdint.h>
 #include <pthread.h>
@@ -56,7 +57,9 @@ typedef struct {
 
 static inline float block_scale(const dq_args *a, int64_t blk) {
     if (!a->nested_code) return ((const float *)a->absmax)[blk];
-    const float v = a->nested_code[((const uint8_t *)a->absmax)[blk]] * a->nested_absmax[blk / a->nested_bs];
+    /* nested_bs is 256 in every bitsandbytes state: a shift, not a 64-bit division per block */
+    const int64_t nb = a->nested_bs == 256 ? blk >> 8 : blk / a->nested_bs;
+    const float v = a->nested_code[((const uint8_t *)a->absmax)[blk]] * a->nested_absmax[nb];
     return v + a->offset;
 }
 
@@ -69,6 +72,21 @@ static inline void block_table(const float *code, float s, int kind, uint32_t t[
     for (int i = 0; i < 16; ++i) {
         const float v = code[i] * s; /* the one fp32 rounding */
         t[i] = kind == 0 ? bits_of(v) : kind == 1 ? to_bf16(v) : to_fp16(v);
+    }
+}
+
+/* Portable C for one block (other CPUs, and non-finite scales on the vector paths). */
+static void scalar_block(const dq_args *a, int64_t blk) {
+    const int64_t half = a->bs / 2;
+    uint32_t t[16];
+    block_table(a->code, block_scale(a, blk), a->kind, t);
+    const uint8_t *p = a->pk + blk * half;
+    if (a->kind == 0) { /* one 8-byte store = the two outputs of one byte */
+        uint64_t *o = (uint64_t *)block_out(a, blk);
+        for (int64_t j = 0; j < half; ++j) o[j] = (uint64_t)t[p[j] >> 4] | ((uint64_t)t[p[j] & 15] << 32);
+    } else { /* one 4-byte store = the two outputs of one byte */
+        uint32_t *o = (uint32_t *)block_out(a, blk);
+        for (int64_t j = 0; j < half; ++j) o[j] = t[p[j] >> 4] | (t[p[j] & 15] << 16);
     }
 }
 
@@ -230,33 +248,86 @@ __attribute__((target("avx2"))) static void dequant_avx2(const dq_args *a, int64
         }
     }
 }
+
+/* AVX-512 (F + BW): the 16 scaled values fit one register, so no byte planes are needed:
+ * vpermps looks up fp32 outputs by dword index, vpermw 16-bit outputs by word index.  Per 32
+ * packed bytes: widen to words, (hi | lo << 8) puts the 64 nibbles in element order as bytes,
+ * widen those to word / dword indices, permute, store.  Non-finite scales (never produced by
+ * quantize, possible in a foreign checkpoint) take the scalar path for exact NaN/inf bits. */
+__attribute__((target("avx512f,avx512bw"))) static void dequant_avx512(const dq_args *a, int64_t first,
+                                                                       int64_t count) {
+    const int64_t half = a->bs / 2; /* a multiple of 32 since bs % 64 == 0 */
+    const int kind = a->kind;
+    const __m512 code = _mm512_loadu_ps(a->code);
+    const __m512i low4 = _mm512_set1_epi16(0x0f);
+    for (int64_t blk = first; blk < first + count; ++blk) {
+        const float s = block_scale(a, blk);
+        if (s - s != 0) {
+            scalar_block(a, blk);
+            continue;
+        }
+        const __m512 t = _mm512_mul_ps(code, _mm512_set1_ps(s)); /* the one fp32 rounding */
+        __m512i t16 = _mm512_setzero_si512();                       /* 16-bit table in words 0..15 */
+        if (kind == 1) { /* bf16: round to nearest even by integer add, see to_bf16 */
+            const __m512i u = _mm512_castps_si512(t);
+            const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+            const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd)), 16);
+            t16 = _mm512_zextsi256_si512(_mm512_cvtepi32_epi16(r));
+        } else if (kind == 2) {
+            t16 = _mm512_zextsi256_si512(_mm512_cvtps_ph(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        }
+        const uint8_t *p = a->pk + blk * half;
+        uint8_t *o = block_out(a, blk);
+        for (int64_t j = 0; j < half; j += 32) {
+            const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(p + j)));
+            const __m512i nib = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(w, 4), low4),
+                                                _mm512_slli_epi16(_mm512_and_si512(w, low4), 8));
+            if (kind == 0) {
+                for (int q = 0; q < 4; ++q) { /* 16 outputs each */
+                    const __m512i idx = _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(nib, q));
+                    _mm512_storeu_ps((float *)o + 16 * q, _mm512_permutexvar_ps(idx, t));
+                }
+                o += 256;
+            } else {
+                const __m512i i0 = _mm512_cvtepu8_epi16(_mm512_castsi512_si256(nib));
+                const __m512i i1 = _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(nib, 1));
+                _mm512_storeu_si512((void *)o, _mm512_permutexvar_epi16(i0, t16));
+                _mm512_storeu_si512((void *)(o + 64), _mm512_permutexvar_epi16(i1, t16));
+                o += 128;
+            }
+        }
+    }
+}
 #endif
+
+/* Highest instruction set the dispatcher may use: 0 portable C, 1 SSSE3, 2 AVX2, 3 AVX-512.
+ * Tests lower it to check every path on one machine; results must not depend on it. */
+static int max_isa = 3;
+
+int deltatune_set_max_isa(int level) {
+    const int old = max_isa;
+    max_isa = level;
+    return old;
+}
 
 /* One thread's share: blocks [first, first + count). */
 static void dequant_range(const dq_args *a, int64_t first, int64_t count) {
 #ifdef HAVE_SSSE3_PATH
-    if (a->bs % 64 == 0 && __builtin_cpu_supports("avx2")) {
+    if (max_isa >= 3 && a->bs % 64 == 0 && __builtin_cpu_supports("avx512f") &&
+        __builtin_cpu_supports("avx512bw")) {
+        dequant_avx512(a, first, count);
+        return;
+    }
+    if (max_isa >= 2 && a->bs % 64 == 0 && __builtin_cpu_supports("avx2")) {
         dequant_avx2(a, first, count);
         return;
     }
-    if (a->bs % 32 == 0 && __builtin_cpu_supports("ssse3")) {
+    if (max_isa >= 1 && a->bs % 32 == 0 && __builtin_cpu_supports("ssse3")) {
         dequant_ssse3(a, first, count);
         return;
     }
 #endif
-    const int64_t half = a->bs / 2;
-    for (int64_t blk = first; blk < first + count; ++blk) {
-        uint32_t t[16];
-        block_table(a->code, block_scale(a, blk), a->kind, t);
-        const uint8_t *p = a->pk + blk * half;
-        if (a->kind == 0) { /* one 8-byte store = the two outputs of one byte */
-            uint64_t *o = (uint64_t *)block_out(a, blk);
-            for (int64_t j = 0; j < half; ++j) o[j] = (uint64_t)t[p[j] >> 4] | ((uint64_t)t[p[j] & 15] << 32);
-        } else { /* one 4-byte store = the two outputs of one byte */
-            uint32_t *o = (uint32_t *)block_out(a, blk);
-            for (int64_t j = 0; j < half; ++j) o[j] = t[p[j] >> 4] | (t[p[j] & 15] << 16);
-        }
-    }
+    for (int64_t blk = first; blk < first + count; ++blk) scalar_block(a, blk);
 }
 
 typedef struct {
