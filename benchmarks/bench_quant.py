@@ -3,13 +3,24 @@
 Runs are interleaved (every implementation once per round) and the minimum over rounds is kept,
 so background load affects all of them alike.  Prints times and ratios; never asserts.
 
-    python benchmarks/bench_quant.py                    # 4096x4096 bf16, torch's thread count
+Allocation matters as much as the kernel for a 32-64 MB output: a fresh mapping costs a page
+fault per 4 KiB page (~8 ms for 32 MB, more than the dequantize itself), a reused heap block
+costs nothing.  glibc chooses between the two by its history, so min-of-N can pair one
+implementation's best case with another's worst.  Each regime therefore runs in its own
+process with glibc pinned (``--alloc``): ``fresh`` (every large block is a new mapping:
+MALLOC_MMAP_THRESHOLD_=131072) and ``reused`` (no mappings, nothing returned to the OS:
+MALLOC_MMAP_MAX_=0, MALLOC_TRIM_THRESHOLD_ huge).
+
+    python benchmarks/bench_quant.py                    # 4096x4096 bf16, torch's thread count, both regimes
     python benchmarks/bench_quant.py --threads 1 --rounds 7 --shape 4096 11008 --dtype float32
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -68,6 +79,12 @@ def _bench(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float
     return best
 
 
+ALLOC_ENV = {
+    "fresh": {"MALLOC_MMAP_THRESHOLD_": "131072"},
+    "reused": {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)},
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", type=int, nargs=2, default=(4096, 4096))
@@ -75,7 +92,16 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
+    ap.add_argument("--alloc", choices=["both", "fresh", "reused"], default="both",
+                    help="glibc allocation regime, each in its own process (see above)")
+    ap.add_argument("--only", choices=["quantize", "dequantize"], help="run one of the two")
     args = ap.parse_args()
+    if os.environ.get("_BENCH_QUANT_ALLOC") is None:  # parent: one child process per regime
+        for regime in ("fresh", "reused") if args.alloc == "both" else (args.alloc,):
+            print(f"=== allocation regime: {regime} ({' '.join(f'{k}={v}' for k, v in ALLOC_ENV[regime].items())})")
+            env = {**os.environ, **ALLOC_ENV[regime], "_BENCH_QUANT_ALLOC": regime}
+            subprocess.run([sys.executable, *sys.argv], env=env, check=True)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -86,6 +112,8 @@ def main() -> None:
     )
     quant, deq = _peers(w, args.block)
     for title, fns in (("quantize", quant), ("dequantize", deq)):
+        if args.only and args.only != title:
+            continue
         best = _bench(fns, args.rounds)
         ours = best["deltatune"]
         print(f"\n{title}:")
