@@ -122,3 +122,19 @@ def test_broken_compiler_falls_back_with_a_warning(fresh_cache: Path, monkeypatc
     with caplog.at_level(logging.WARNING, logger="deltatune.quant._native"):
         assert _native.dequant_kernel() is None
     assert "no C compiler 'no-such-compiler-xyz' on PATH" in caplog.text
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_device_agnostic_path_equals_cpu_paths(quant_type: str) -> None:
+    """`_dequant_simple` is what CUDA tensors run (no GPU here): on CPU tensors it must give the
+    same bits as the CPU paths, so a GPU can only differ by its own arithmetic, not ours."""
+    torch.manual_seed(5)
+    for bs in (32, 64, 4096):
+        w = torch.randn(64, 4096) * 0.05
+        packed, state = quantize_4bit(w, bs, double_quant=True, quant_type=quant_type)
+        code = nf4._dequant_code(quant_type)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            out = torch.empty(w.numel(), dtype=dtype)
+            nf4._dequant_simple(packed.view(-1), state.block_absmax(), code, bs, out)
+            ref = dequantize_4bit(packed, state, dtype)
+            assert torch.equal(_bits(out.view(w.shape)), _bits(ref)), (bs, dtype)
