@@ -170,3 +170,31 @@ def test_next_token_kl_validates_shapes():
         next_token_kl(x, torch.zeros(2, 3, 5))
     with pytest.raises(ValueError, match="no positions"):
         next_token_kl(x, x, torch.zeros(2, 3))
+
+
+def test_frozen_head_never_gets_the_expanded_bmm_path(llama_factory, tiny_tokenizer):
+    """Regression: with a frozen head (every adapter method) PyTorch expands the head weight once
+    per row into a bmm when its input is the non-contiguous last-position slice; generation makes
+    that input contiguous. Checked on the ops themselves, and the results stay the naive ones."""
+    model = llama_factory(vocab_size=len(tiny_tokenizer))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    encoded = [encode_prompt(tiny_tokenizer, p) for p in PROMPTS]
+    stop = {tiny_tokenizer.eos_token_id}
+    expected = [naive_greedy(model, e, 4, stop) for e in encoded]
+    seen: list[bool] = []
+    handle = model.get_output_embeddings().register_forward_hook(
+        lambda _m, args, _out: seen.append(args[0].is_contiguous())
+    )
+    try:
+        with torch.profiler.profile(record_shapes=True) as prof:
+            got = greedy_generate_ids(model, encoded, max_new_tokens=4, stop_ids=stop, pad_id=0)
+    finally:
+        handle.remove()
+    assert got == expected
+    vocab = model.get_output_embeddings().weight.shape[0]
+    expanded = [e for e in prof.events() if e.name == "aten::expand" and vocab in (e.input_shapes or [[]])[0]]
+    assert not expanded  # the (V, H) head weight was never expanded to a batch of copies
+    assert seen and all(seen)
+    # and the hook is gone afterwards
+    assert not model.get_output_embeddings()._forward_pre_hooks

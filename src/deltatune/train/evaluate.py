@@ -81,6 +81,20 @@ def _left_pad(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
+def _contiguous_input(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """Forward pre-hook for the output head during generation.
+
+    ``logits_to_keep=1`` hands the head ``hidden[:, -1:, :]``, a non-contiguous (B, 1, H) slice.
+    PyTorch 2.13's matmul folds such an input to 2-D only when the weight requires grad; for a
+    frozen head (every adapter method) it expands the (V, H) weight B times into a bmm instead.
+    Measured on SmolLM2 (V = 49152, H = 576), 40 prompts, bf16: the prefill took +2.3 GB and 5x
+    the time. A copy of the (B, 1, H) slice costs nothing by comparison.
+    """
+    if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
+        return (args[0].contiguous(), *args[1:])
+    return None
+
+
 @torch.inference_mode()
 def greedy_generate_ids(
     model: nn.Module,
@@ -96,6 +110,18 @@ def greedy_generate_ids(
     rows. Position ids count real tokens only (cumsum of the mask), so a padded row sees the same
     positions as it would alone; without them RoPE/learned positions would shift by the pad length.
     """
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    hook = head.register_forward_pre_hook(_contiguous_input) if isinstance(head, nn.Module) else None
+    try:
+        return _greedy_generate_ids(model, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id)
+    finally:
+        if hook is not None:
+            hook.remove()
+
+
+def _greedy_generate_ids(
+    model: nn.Module, prompts: Sequence[list[int]], *, max_new_tokens: int, stop_ids: set[int], pad_id: int
+) -> list[list[int]]:
     device = _model_device(model)
     input_ids, mask = _left_pad(prompts, pad_id)
     input_ids, mask = input_ids.to(device), mask.to(device)  # (B, T)
