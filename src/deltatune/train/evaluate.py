@@ -110,7 +110,8 @@ def greedy_generate_ids(
     rows. Position ids count real tokens only (cumsum of the mask), so a padded row sees the same
     positions as it would alone; without them RoPE/learned positions would shift by the pad length.
     """
-    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
     hook = head.register_forward_pre_hook(_contiguous_input) if isinstance(head, nn.Module) else None
     try:
         return _greedy_generate_ids(model, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id)
