@@ -132,3 +132,24 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes(model_dir: Path, tmp_pa
     assert len(ckpts) == 1 and "resume with" in text
     done = int(ckpts[0].name.split("-")[1])
     assert 2 <= done < 200 and not (out / "summary.json").exists()
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_model_passed_in_keeps_its_exact_base_weights(model_dir: Path, tmp_path: Path, dtype: str) -> None:
+    """run() merges LoRA for the final evaluation; merge + unmerge alone moves ~1-2 % of the base
+    weights by an ulp. A caller's model must come back with the base bits it had."""
+    from deltatune.inject import lora_layers
+    from deltatune.models import load_model
+
+    model, tok = load_model(model_dir, dtype=dtype)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = load_config(TrainConfig, None, [a for a in _args(model_dir, tmp_path / "r", "train.lr=5e-2")
+                                          if a != "--set"])
+    run(cfg, model=model, tokenizer=tok, progress=False)
+    layers = list(lora_layers(model))
+    assert layers and any(float(layer.lora_B["default"].weight.abs().max()) > 0 for _, layer in layers)
+    for name, layer in layers:
+        w = layer.base_layer.weight
+        orig = before[name.removesuffix(".base_layer") + ".weight"]
+        assert w.dtype == orig.dtype and torch.equal(w.view(torch.int16 if w.element_size() == 2 else torch.int32),
+                                                     orig.view(torch.int16 if w.element_size() == 2 else torch.int32)), name
