@@ -425,20 +425,19 @@ def _merged_for_inference(model: nn.Module, restore_exact: bool) -> Iterator[Non
     """
     from ..inject import lora_layers, merge, unmerge
 
-    layers = [layer for _, layer in lora_layers(model)]
-    mergeable = layers and all(layer.base_layer.weight.dtype.is_floating_point for layer in layers)
-    if not mergeable:
+    weights = [cast(torch.Tensor, layer.base_layer.weight) for _, layer in lora_layers(model)]
+    if not weights or not all(w.dtype.is_floating_point for w in weights):  # none, or a 4-bit base
         yield
         return
-    originals = [layer.base_layer.weight.detach().clone() for layer in layers] if restore_exact else []
+    originals = [w.detach().clone() for w in weights] if restore_exact else []
     merge(model)
     try:
         yield
     finally:
         unmerge(model)
         with torch.no_grad():
-            for layer, w in zip(layers, originals):
-                layer.base_layer.weight.copy_(w)
+            for w, orig in zip(weights, originals):
+                w.copy_(orig)
 
 
 def _save_result(model: Any, tokenizer: Any, cfg: TrainConfig, out_dir: Path, saves: str) -> None:
