@@ -31,7 +31,7 @@ from .inject import (
     set_active,
 )
 from .methods import dora, lora_init
-from .methods.lora import LoraLayer, base_shape, supported_base
+from .methods.lora import LoraLayer, base_shape, supported_base, weight_checksum
 from .methods.lora_config import LoraConfig
 
 __all__ = ["save_adapter", "load_adapter", "AdapterFileError", "AdapterMismatchError", "fingerprint",
@@ -41,7 +41,6 @@ PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _FACTOR_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B")
-_CHECKSUM_SAMPLES = 256
 
 
 class AdapterFileError(ValueError):
@@ -78,11 +77,7 @@ class _suppress:
         return True
 
 
-def _weight_checksum(w: torch.Tensor) -> float:
-    """Σ|w| over ≤256 evenly strided elements in fp64: cheap, and it changes if the base does."""
-    flat = w.detach().reshape(-1)
-    step = max(1, flat.numel() // _CHECKSUM_SAMPLES)
-    return float(flat[::step][:_CHECKSUM_SAMPLES].double().abs().sum())
+_weight_checksum = weight_checksum  # one definition (methods.lora); other modules import this name
 
 
 def fingerprint(model: nn.Module, paths: list[str]) -> dict[str, Any]:

@@ -153,3 +153,31 @@ def test_model_passed_in_keeps_its_exact_base_weights(model_dir: Path, tmp_path:
         orig = before[name.removesuffix(".base_layer") + ".weight"]
         assert w.dtype == orig.dtype and torch.equal(w.view(torch.int16 if w.element_size() == 2 else torch.int32),
                                                      orig.view(torch.int16 if w.element_size() == 2 else torch.int32)), name
+
+
+@pytest.mark.parametrize("method", ["full", "head", "partial", "lora"])
+def test_16bit_model_trains_evaluates_and_saves_in_its_dtype(method: str, model_dir: Path, tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """A bf16 model with train.bf16=false: the fp32 master copies of what trains would meet bf16
+    layers without autocast (and generation runs without autocast). Autocast is turned on with a
+    warning, and the trained weights go back to bf16 before saving and the final evaluation."""
+    out = tmp_path / method
+    extra = ["train.max_steps=2", f"method={method}", "partial.top_n_layers=1", "model.dtype=bf16"]
+    if method == "lora":
+        extra.append("lora.modules_to_save=[lm_head]")
+    with caplog.at_level("WARNING", logger="deltatune.train"):
+        assert main(["train", "--no-progress", *_args(model_dir, out, *extra)]) == 0
+    assert "using bf16 autocast anyway" in caplog.text
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["bf16"] is True and summary["after"]["exact_match"] is not None
+    if method == "lora":
+        from safetensors.torch import load_file
+
+        saved = load_file(out / "adapter" / "adapter_model.safetensors")
+        head = [v for k, v in saved.items() if "lm_head" in k]
+        assert head and all(v.dtype == torch.bfloat16 for v in head)
+        return
+    trained = AutoModelForCausalLM.from_pretrained(out / "model", dtype="auto")
+    assert {p.dtype for p in trained.parameters()} == {torch.bfloat16}
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).state_dict()
+    assert any(not torch.equal(p, base[n]) for n, p in trained.state_dict().items())

@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import add_to_weight, base_shape, supported_base
+from .lora import base_shape, supported_base, weight_of
+from .single import SingleAdapterLayer, unload_layers
 
 if TYPE_CHECKING:
     from ..io import AdapterFile
@@ -109,35 +110,24 @@ def delta_weight(kind: str, a: torch.Tensor, b: torch.Tensor, e: torch.Tensor, s
     return dw.t() if kind == "conv1d" else dw  # Conv1D stores Wᵀ (k, d)
 
 
-class AdaLoraLayer(nn.Module):
+class AdaLoraLayer(SingleAdapterLayer):
     """A frozen ``base_layer`` (nn.Linear or Conv1D) plus one AdaLoRA adapter of rank ``r``."""
 
+    method = "AdaLoRA"
+
     def __init__(self, base_layer: nn.Module, name: str, r: int, config: AdaLoraConfig) -> None:
-        super().__init__()
-        kind = supported_base(base_layer)
-        if kind not in ("linear", "conv1d"):
-            raise TypeError(f"AdaLoRA supports nn.Linear and Conv1D layers, not {type(base_layer).__name__}")
-        self.kind = kind
-        self.base_layer = base_layer
-        k, d = self.in_features, self.out_features = base_shape(base_layer)
-        w = _weight(base_layer)
-        flat = w.detach().reshape(-1)  # file fingerprint of the pristine base (see io.fingerprint)
-        self.base_checksum = float(flat[:: max(1, flat.numel() // 256)][:256].double().abs().sum())
-        # fp32 masters unless the base is fp32/fp64 already (as LoraLayer does).
-        fac: dict[str, Any] = {"device": w.device,
-                               "dtype": w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32}
+        super().__init__(base_layer, name)
+        k, d, fac = self.in_features, self.out_features, self.factory
         self.lora_A = nn.ParameterDict({name: nn.Parameter(torch.randn(r, k, **fac) * 0.02)})  # Q
         self.lora_B = nn.ParameterDict({name: nn.Parameter(torch.randn(d, r, **fac) * 0.02)})  # P
         self.lora_E = nn.ParameterDict({name: nn.Parameter(torch.zeros(r, 1, **fac))})  # Λ
         # ranknum = init_r whatever r is now: PEFT keeps the training-time scale after pruning.
         self.ranknum = nn.ParameterDict(
             {name: nn.Parameter(torch.full((1,), float(config.init_r), **fac), requires_grad=False)})
-        self.name, self.r, self.dropout = name, r, config.dropout
+        self.r, self.dropout = r, config.dropout
         # PEFT: scaling = lora_alpha (or r when alpha is 0), divided by ranknum + 1e-5 in forward.
         self.scale = (config.alpha if config.alpha > 0 else float(r)) / (config.init_r + 1e-5)
         self.kept: list[bool] | None = None  # the last rank pattern (len init_r), set by the allocator or a file
-        self.merged = False
-        self.disabled = False
 
     def factors(self) -> tuple[nn.Parameter, nn.Parameter, nn.Parameter]:
         """(Q (r, k), P (d, r), Λ (r, 1)) as stored: lora_A, lora_B, lora_E."""
@@ -147,40 +137,21 @@ class AdaLoraLayer(nn.Module):
         a, b, e = self.factors()
         return delta_weight(self.kind, a, b, e, self.scale)
 
-    def merge(self) -> None:
-        if not self.merged:
-            add_to_weight(self.base_layer, self.delta())
-            self.merged = True
+    def has_adapter(self) -> bool:
+        return self.r > 0
 
-    def unmerge(self) -> None:
-        if self.merged:
-            add_to_weight(self.base_layer, -self.delta())
-            self.merged = False
-
-    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        if self.disabled and self.merged:
-            raise RuntimeError("the AdaLoRA adapter is merged into this layer; unmerge before disabling it")
-        if self.disabled or self.merged or self.r == 0:
-            return self.base_layer(x, *args, **kwargs)
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])  # (N, k)
-        out = self.base_layer(x2)  # (N, d), a fresh tensor we own
-        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    def add_adapter(self, out: torch.Tensor, x2: torch.Tensor, x: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
         a, b, e = self.factors()
         if self.dropout > 0.0 and self.training:
             x2 = F.dropout(x2, self.dropout, True)
         xa = F.linear(x2, (a * e).to(dt))  # (N, r) = x·(ΛQ)ᵀ; Λ scales Q's rows
-        out = out.addmm_(xa.to(out.dtype), b.t().to(out.dtype), alpha=self.scale)  # += s·(ΛQx)Pᵀ, in place
-        return out.view(*lead, out.shape[-1])
+        return out.addmm_(xa.to(out.dtype), b.t().to(out.dtype), alpha=self.scale)  # += s·(ΛQx)Pᵀ, in place
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, adapter={self.name}, r={self.r}, scale={self.scale:.6g}, merged={self.merged}"
 
 
-def _weight(module: nn.Module) -> torch.Tensor:
-    w = module.weight
-    assert isinstance(w, torch.Tensor)
-    return w
+_weight = weight_of
 
 
 def orth_regulariser(layers: list[AdaLoraLayer], how: str = "peft") -> torch.Tensor:
@@ -420,17 +391,10 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 def unload(model: nn.Module, merge_adapter: bool = True) -> nn.Module:
     """Remove the AdaLoRA layers and hooks (merging first unless ``merge_adapter=False``)."""
-    from ..inject import _set_module
-
     allocator = getattr(model, "deltatune_rank_allocator", None)
     if isinstance(allocator, RankAllocator):
         allocator.remove_hooks()
-    for path, layer in adalora_layers(model):
-        if merge_adapter:
-            layer.merge()
-        else:
-            layer.unmerge()
-        _set_module(model, path, layer.base_layer)
+    unload_layers(model, adalora_layers(model), merge_adapter)
     for attr in ("deltatune_state", "deltatune_rank_allocator", "deltatune_after_step", "deltatune_extra_loss"):
         if hasattr(model, attr):
             delattr(model, attr)

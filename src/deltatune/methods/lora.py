@@ -96,9 +96,7 @@ class LoraLayer(nn.Module):
         self.in_features, self.out_features = base_shape(base_layer)
         # Σ|w| over a strided sample of the pristine base weight, for the adapter file's base
         # fingerprint (taken now, while nothing is merged into it).
-        flat = _weight(base_layer).detach().reshape(-1)
-        step = max(1, flat.numel() // 256)
-        self.base_checksum = float(flat[::step][:256].double().abs().sum())
+        self.base_checksum = weight_checksum(_weight(base_layer))
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_embedding_A = nn.ParameterDict()
@@ -325,10 +323,24 @@ def add_to_weight(base: nn.Module, delta: torch.Tensor) -> None:
     w.add_(delta.to(w.dtype))
 
 
-def _weight(module: nn.Module) -> torch.Tensor:
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """``module.weight`` as a tensor (nn.Module types it loosely)."""
     w = module.weight
     assert isinstance(w, torch.Tensor)
     return w
+
+
+_weight = weight_of
+
+_CHECKSUM_SAMPLES = 256
+
+
+def weight_checksum(w: torch.Tensor) -> float:
+    """Σ|w| over ≤256 evenly strided elements in fp64: cheap, and it changes if the base does
+    (the base-model fingerprint in adapter files)."""
+    flat = w.detach().reshape(-1)
+    step = max(1, flat.numel() // _CHECKSUM_SAMPLES)
+    return float(flat[::step][:_CHECKSUM_SAMPLES].double().abs().sum())
 
 
 def delta_weight(kind: str, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:

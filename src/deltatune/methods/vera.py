@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import add_to_weight, base_shape, supported_base
+from .lora import base_shape, supported_base, weight_of
+from .single import SingleAdapterLayer, unload_layers
 
 if TYPE_CHECKING:
     from ..io import AdapterFile
@@ -148,33 +149,22 @@ def delta_weight(kind: str, a: torch.Tensor, b: torch.Tensor, lam_d: torch.Tenso
     return dw.t() if kind == "conv1d" else dw  # Conv1D stores Wᵀ (k, d)
 
 
-class VeraLayer(nn.Module):
+class VeraLayer(SingleAdapterLayer):
     """A frozen ``base_layer`` (nn.Linear or Conv1D) plus one VeRA adapter."""
 
+    method = "VeRA"
+
     def __init__(self, base_layer: nn.Module, proj: VeraProjections, name: str, config: VeraConfig) -> None:
-        super().__init__()
-        kind = supported_base(base_layer)
-        if kind not in ("linear", "conv1d"):
-            raise TypeError(f"VeRA supports nn.Linear and Conv1D layers, not {type(base_layer).__name__}")
-        self.kind = kind
-        self.base_layer = base_layer
-        self.in_features, self.out_features = base_shape(base_layer)
+        super().__init__(base_layer, name)
         if proj.A.shape[1] < self.in_features or proj.B.shape[0] < self.out_features or proj.A.shape[0] != config.r:
             raise ValueError(f"shared projections A {tuple(proj.A.shape)} / B {tuple(proj.B.shape)} are too small "
                              f"for a ({self.in_features} → {self.out_features}) layer at r={config.r}")
-        w = _weight(base_layer)
-        flat = w.detach().reshape(-1)  # file fingerprint of the pristine base (see io.fingerprint)
-        self.base_checksum = float(flat[:: max(1, flat.numel() // 256)][:256].double().abs().sum())
         self.vera_proj = proj
-        # fp32 masters unless the base is fp32/fp64 already (as LoraLayer does).
-        dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
         b0 = torch.zeros if config.b_init == "zeros" else torch.ones
-        self.vera_lambda_b = nn.ParameterDict({name: nn.Parameter(b0(self.out_features, device=w.device, dtype=dtype))})
+        self.vera_lambda_b = nn.ParameterDict({name: nn.Parameter(b0(self.out_features, **self.factory))})
         self.vera_lambda_d = nn.ParameterDict(
-            {name: nn.Parameter(torch.full((config.r,), config.d_initial, device=w.device, dtype=dtype))})
-        self.name, self.r, self.dropout = name, config.r, config.dropout
-        self.merged = False
-        self.disabled = False
+            {name: nn.Parameter(torch.full((config.r,), config.d_initial, **self.factory))})
+        self.r, self.dropout = config.r, config.dropout
 
     def slices(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's views of the shared matrices: A[:, :k] (r, k) and B[:d] (d, r)."""
@@ -189,27 +179,7 @@ class VeraLayer(nn.Module):
         lam_d, lam_b = self.vectors()
         return delta_weight(self.kind, a, b, lam_d, lam_b)
 
-    def merge(self) -> None:
-        if not self.merged:
-            add_to_weight(self.base_layer, self.delta())
-            self.merged = True
-
-    def unmerge(self) -> None:
-        if self.merged:
-            add_to_weight(self.base_layer, -self.delta())
-            self.merged = False
-
-    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        if self.disabled and self.merged:
-            raise RuntimeError("the VeRA adapter is merged into this layer; unmerge before disabling it")
-        if self.disabled or self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])  # (N, k)
-        out = self.base_layer(x2)  # (N, d), a fresh tensor we own
-        # Compute in the activations' dtype (the autocast dtype under autocast), casting the small
-        # operands, never x; gradients reach the fp32 vectors through the casts.
-        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    def add_adapter(self, out: torch.Tensor, x2: torch.Tensor, x: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
         a, b = self.slices()
         lam_d, lam_b = self.vectors()
         if self.dropout > 0.0 and self.training:  # each layer drops its own units: nothing to share
@@ -218,17 +188,13 @@ class VeraLayer(nn.Module):
             xa = self.vera_proj.project(x, x2, self.in_features, dt)  # (N, r), shared by same-input layers
         h = xa * lam_d.to(dt)  # (N, r) = d ⊙ A·x
         hb = F.linear(h, b.to(dt))  # (N, d) = B·(d ⊙ A·x)
-        out = out.addcmul_(hb.to(out.dtype), lam_b.to(out.dtype))  # += b ⊙ …, in place, no (N, d) temporary
-        return out.view(*lead, out.shape[-1])
+        return out.addcmul_(hb.to(out.dtype), lam_b.to(out.dtype))  # += b ⊙ …, in place, no (N, d) temporary
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, adapter={self.name}, r={self.r}, merged={self.merged}"
 
 
-def _weight(module: nn.Module) -> torch.Tensor:
-    w = module.weight
-    assert isinstance(w, torch.Tensor)
-    return w
+_weight = weight_of
 
 
 # ------------------------------------------------------------------------------------ model level
@@ -289,14 +255,7 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 def unload(model: nn.Module, merge_adapter: bool = True) -> nn.Module:
     """Remove the VeRA layers (merging them first unless ``merge_adapter=False``): a plain model."""
-    from ..inject import _set_module
-
-    for path, layer in vera_layers(model):
-        if merge_adapter:
-            layer.merge()
-        else:
-            layer.unmerge()
-        _set_module(model, path, layer.base_layer)
+    unload_layers(model, vera_layers(model), merge_adapter)
     if hasattr(model, "deltatune_state"):
         del model.deltatune_state
     return model

@@ -229,10 +229,18 @@ def run(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer: Any = No
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"method {cfg.method!r} left no trainable parameter")
+    upcast: list[tuple[nn.Parameter, torch.dtype]] = []
     with torch.no_grad():  # fp32 master copies of what trains
         for p in params:
             if p.dtype in (torch.bfloat16, torch.float16):
+                upcast.append((p, p.dtype))
                 p.data = p.data.float()
+    if upcast and not bf16:
+        # fp32 masters inside a 16-bit model: adapter layers cast for themselves, but a plain
+        # trained layer (head, partial, full, modules_to_save) would meet mixed dtypes.
+        log.warning("the model is %s and train.bf16 is off: using bf16 autocast anyway, since the trained "
+                    "parameters are fp32 master copies", str(upcast[0][1]).removeprefix("torch."))
+        bf16 = True
     hf: Any = model
     if cfg.train.gradient_checkpointing and hasattr(hf, "gradient_checkpointing_enable"):
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -335,6 +343,11 @@ def run(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer: Any = No
         result.summary = {"interrupted_at_step": step, "output_dir": str(out_dir)}
         return result
 
+    # Trained parameters back to the model's own dtype: one dtype to save, and to generate with
+    # (generation runs without autocast).
+    with torch.no_grad():
+        for p, dtype in upcast:
+            p.data = p.data.to(dtype)
     _save_result(model, tokenizer, cfg, out_dir, method.saves)
     # A model passed in is the caller's afterwards; one loaded here is dropped when run() returns.
     with _merged_for_inference(model, restore_exact=model_passed_in):
