@@ -95,6 +95,9 @@ def main() -> None:
     ap.add_argument("--alloc", choices=["both", "fresh", "reused"], default="both",
                     help="glibc allocation regime, each in its own process (see above)")
     ap.add_argument("--only", choices=["quantize", "dequantize"], help="run one of the two")
+    ap.add_argument("--isa", type=int, choices=[0, 1, 2, 3],
+                    help="cap the native kernel's instruction set (0 C, 1 SSSE3, 2 AVX2, 3 AVX-512): "
+                         "what a CPU without the higher levels would run")
     args = ap.parse_args()
     if os.environ.get("_BENCH_QUANT_ALLOC") is None:  # parent: one child process per regime
         for regime in ("fresh", "reused") if args.alloc == "both" else (args.alloc,):
@@ -104,6 +107,13 @@ def main() -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.isa is not None:
+        from deltatune.quant import _native
+
+        kernel = _native.dequant_kernel()
+        if kernel is None:
+            raise SystemExit("--isa: the native kernel is not available here")
+        kernel.set_max_isa(args.isa)
     torch.manual_seed(0)
     w = (torch.randn(*args.shape) * 0.02).to(getattr(torch, args.dtype))
     print(

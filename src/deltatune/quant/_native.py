@@ -102,7 +102,7 @@ def dequant_kernel() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
             fn.set_max_isa.restype = ctypes.c_int  # type: ignore[attr-defined]
         except Exception as e:  # any failure means: use the PyTorch path
             log.warning(
-                "deltatune: native 4-bit dequantize kernel unavailable, using PyTorch (1.5-3x slower): %s", e
+                "deltatune: native 4-bit dequantize kernel unavailable, dequantizing in PyTorch (slower): %s", e
             )
             fn = None
         _state["fn"] = fn
