@@ -77,9 +77,6 @@ class _suppress:
         return True
 
 
-_weight_checksum = weight_checksum  # one definition (methods.lora); other modules import this name
-
-
 def fingerprint(model: nn.Module, paths: list[str]) -> dict[str, Any]:
     """Architecture and, for each adapted module, its (k, d) and a weight checksum of the *unmerged*
     base weight (captured when the layer was wrapped)."""
@@ -91,7 +88,7 @@ def fingerprint(model: nn.Module, paths: list[str]) -> dict[str, Any]:
         base = getattr(module, "base_layer", module)
         checksum = getattr(module, "base_checksum", None)
         if checksum is None:
-            checksum = _weight_checksum(base.weight)  # type: ignore[arg-type]
+            checksum = weight_checksum(base.weight)  # type: ignore[arg-type]
         modules[path] = {"shape": list(base_shape(base)), "checksum": checksum}
     return {
         "architecture": (getattr(cfg, "architectures", None) or [type(model).__name__])[0],
@@ -483,7 +480,7 @@ def _check_fingerprint(model: nn.Module, fp: dict[str, Any], where: Path) -> Non
             )
         if base.weight.dtype == torch.uint8:  # type: ignore[union-attr]
             continue  # 4-bit packed base: checksum of a different representation
-        ours = getattr(module, "base_checksum", None) or _weight_checksum(base.weight)  # type: ignore[arg-type]
+        ours = getattr(module, "base_checksum", None) or weight_checksum(base.weight)  # type: ignore[arg-type]
         theirs = float(info["checksum"])
         if not math.isclose(ours, theirs, rel_tol=2e-2, abs_tol=1e-6):
             warnings.warn(

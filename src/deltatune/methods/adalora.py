@@ -151,15 +151,13 @@ class AdaLoraLayer(SingleAdapterLayer):
         return f"kind={self.kind}, adapter={self.name}, r={self.r}, scale={self.scale:.6g}, merged={self.merged}"
 
 
-_weight = weight_of
-
 
 def orth_regulariser(layers: list[AdaLoraLayer], how: str = "peft") -> torch.Tensor:
     """R = Σ over layers of ‖PᵀP − I‖ and ‖QQᵀ − I‖ (both r × r), in fp32 even under autocast.
 
     'peft':  the mean of the 2L Frobenius norms (PEFT's AdaLoraModel.forward, the authors' code);
     'paper': Σ_layers ‖PᵀP − I‖²_F + ‖QQᵀ − I‖²_F (paper Eq. 4)."""
-    device = _weight(layers[0].base_layer).device
+    device = weight_of(layers[0].base_layer).device
     terms = []
     with torch.autocast(device.type, enabled=False):
         for layer in layers:

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .lora import weight_checksum
+
 if TYPE_CHECKING:
     from ..io import AdapterFile
 
@@ -291,14 +293,13 @@ def delete(model: nn.Module, name: str) -> None:
 
 # ---------------------------------------------------------------------------------- files
 def _fingerprint(model: nn.Module, sites: list[tuple[str, str]]) -> dict[str, Any]:
-    from ..io import _weight_checksum
 
     cfg = getattr(model, "config", None)
     checks: dict[str, float] = {}
     for adapter_path, _ in sites:
         block = model.get_submodule(adapter_path.rpartition(".")[0])
         w = next(p for n, p in block.named_parameters() if not n.startswith("bottleneck_"))
-        checks[adapter_path] = _weight_checksum(w)  # the block's first base weight
+        checks[adapter_path] = weight_checksum(w)  # the block's first base weight
     return {"architecture": (getattr(cfg, "architectures", None) or [type(model).__name__])[0],
             "model_type": getattr(cfg, "model_type", None), "hidden_size": _hidden_size(model), "blocks": checks}
 

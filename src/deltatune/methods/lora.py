@@ -66,7 +66,7 @@ def base_shape(module: nn.Module) -> tuple[int, int]:
     if kind == "linear":
         return int(module.in_features), int(module.out_features)  # type: ignore[arg-type]
     if kind == "conv1d":
-        k, d = _weight(module).shape
+        k, d = weight_of(module).shape
         return int(k), int(d)
     if kind == "embedding":
         return int(module.num_embeddings), int(module.embedding_dim)  # type: ignore[arg-type]
@@ -96,7 +96,7 @@ class LoraLayer(nn.Module):
         self.in_features, self.out_features = base_shape(base_layer)
         # Σ|w| over a strided sample of the pristine base weight, for the adapter file's base
         # fingerprint (taken now, while nothing is merged into it).
-        self.base_checksum = weight_checksum(_weight(base_layer))
+        self.base_checksum = weight_checksum(weight_of(base_layer))
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_embedding_A = nn.ParameterDict()
@@ -159,10 +159,10 @@ class LoraLayer(nn.Module):
         """(A, B) as stored: A (r, k[, kh, kw]), B (d, r[, 1, 1])."""
         if self.kind == "embedding":
             return self.lora_embedding_A[name], self.lora_embedding_B[name]
-        return _weight(self.lora_A[name]), _weight(self.lora_B[name])
+        return weight_of(self.lora_A[name]), weight_of(self.lora_B[name])
 
     def base_weight(self) -> torch.Tensor:
-        return _weight(self.base_layer)
+        return weight_of(self.base_layer)
 
     # ---------------------------------------------------------------- merge
     def delta(self, name: str) -> torch.Tensor:
@@ -237,7 +237,7 @@ class LoraLayer(nn.Module):
             x = F.dropout(x, ad.dropout, True)
         if self.kind == "conv2d":
             a_mod, b_mod = self.lora_A[name], self.lora_B[name]
-            return b_mod(a_mod(x.to(_weight(a_mod).dtype))) * ad.scale
+            return b_mod(a_mod(x.to(weight_of(a_mod).dtype))) * ad.scale
         a, b = self.factors(name)
         return F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype)) * ad.scale
 
@@ -319,7 +319,7 @@ def add_to_weight(base: nn.Module, delta: torch.Tensor) -> None:
     if callable(requantize):
         requantize(base.dequantized_weight(torch.float32) + delta)  # type: ignore[operator]
         return
-    w = _weight(base)
+    w = weight_of(base)
     w.add_(delta.to(w.dtype))
 
 
@@ -329,8 +329,6 @@ def weight_of(module: nn.Module) -> torch.Tensor:
     assert isinstance(w, torch.Tensor)
     return w
 
-
-_weight = weight_of
 
 _CHECKSUM_SAMPLES = 256
 

@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
+from .lora import weight_checksum, weight_of
+
 if TYPE_CHECKING:
     from ..io import AdapterFile
 
@@ -273,7 +275,7 @@ class PromptSeam(nn.Module):
         if cache is None:
             cache = DynamicCache(config=getattr(backbone, "config", None))
         dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
-                 else _weight(_input_embeddings(backbone)).dtype)  # the dtype the layers' own keys/values will have
+                 else weight_of(_input_embeddings(backbone)).dtype)  # the dtype the layers' own keys/values will have
         for i, (k, v) in enumerate(prefix_key_values(enc().to(dtype), self.dims, batch)):
             cache.update(k, v, i)  # (B, H_kv, l, d_h) each; the layers append their own after it
         return cache
@@ -299,12 +301,6 @@ def _input_embeddings(backbone: nn.Module) -> nn.Module:
     if not isinstance(emb, nn.Module):
         raise TypeError(f"{type(backbone).__name__}.get_input_embeddings() returned {type(emb).__name__}")
     return emb
-
-
-def _weight(module: nn.Module) -> torch.Tensor:
-    w = module.weight
-    assert isinstance(w, torch.Tensor)
-    return w
 
 
 def _backbone(model: nn.Module) -> nn.Module:
@@ -380,7 +376,7 @@ def _add(model: nn.Module, config: PromptConfig, name: str, encoder: PromptEncod
         seam = PromptSeam(model_dims(model))
         seam.attach(_backbone(model))
         setattr(model, SEAM_ATTR, seam)
-    seam.encoders[name] = encoder.to(_weight(_input_embeddings(_backbone(model))).device)
+    seam.encoders[name] = encoder.to(weight_of(_input_embeddings(_backbone(model))).device)
     state.configs[name] = config
     model.deltatune_state = state  # type: ignore[assignment]
     set_active(model, name)
@@ -457,13 +453,12 @@ _PEFT_INIT = {"vocab": "SAMPLE_VOCAB", "random": "RANDOM"}
 
 
 def _fingerprint(model: nn.Module, dims: ModelDims) -> dict[str, Any]:
-    from ..io import _weight_checksum
 
     cfg = getattr(model, "config", None)
     emb = _input_embeddings(_backbone(model))
     return {"architecture": (getattr(cfg, "architectures", None) or [type(model).__name__])[0],
             "model_type": getattr(cfg, "model_type", None), "dims": dims.__dict__,
-            "embedding_checksum": _weight_checksum(_weight(emb))}
+            "embedding_checksum": weight_checksum(weight_of(emb))}
 
 
 def save_peft(model: nn.Module, path: Path, name: str) -> Path:

@@ -194,8 +194,6 @@ class VeraLayer(SingleAdapterLayer):
         return f"kind={self.kind}, adapter={self.name}, r={self.r}, merged={self.merged}"
 
 
-_weight = weight_of
-
 
 # ------------------------------------------------------------------------------------ model level
 def vera_layers(model: nn.Module) -> list[tuple[str, VeraLayer]]:
@@ -229,7 +227,7 @@ def inject_vera(model: nn.Module, config: VeraConfig, name: str = "default") -> 
     targets = _targets(model, config)
     k_max = max(base_shape(m)[0] for _, m in targets)
     d_max = max(base_shape(m)[1] for _, m in targets)
-    proj = VeraProjections(config.r, k_max, d_max, config.projection_prng_key, device=_weight(targets[0][1]).device)
+    proj = VeraProjections(config.r, k_max, d_max, config.projection_prng_key, device=weight_of(targets[0][1]).device)
     for path, module in targets:
         _set_module(model, path, VeraLayer(module, proj, name, config))
     model.deltatune_state = AdapterState(configs={name: config}, active=[name])  # type: ignore[assignment]

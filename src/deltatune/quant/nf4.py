@@ -597,21 +597,24 @@ def _dequant_cpu_native(
     kernel splits the work over torch's thread count (pthreads, GIL released): a Python pool's
     per-chunk hand-off cost more than the kernel's ~1.7 ms on 16M outputs.
     """
-    keep = [_dequant_code(state.quant_type), pk.contiguous()]  # alive until the call returns
-    nested: list[int | float] = [0, 0, 0.0, 1]  # nested_code, nested_absmax, offset, nested_bs
-    if absmax is not None:
-        keep.append(absmax.float().contiguous())
-    elif state.nested:
+    # Locals keep every tensor alive until the call returns; the kernel only sees pointers.
+    code, pk = _dequant_code(state.quant_type), pk.contiguous()
+    nested_code: Tensor | None = None
+    nested_absmax: Tensor | None = None
+    offset, nested_bs = 0.0, 1
+    if absmax is None and state.nested:
         assert state.nested_code is not None and state.nested_absmax is not None and state.offset is not None
-        keep += [state.absmax.contiguous(), state.nested_code.float().contiguous()]
-        keep.append(state.nested_absmax.float().contiguous())
-        nested = [keep[-2].data_ptr(), keep[-1].data_ptr(), float(state.offset), state.nested_block_size]
+        scales = state.absmax.contiguous()  # (n_blocks,) uint8 codes, undone in the kernel
+        nested_code, nested_absmax = state.nested_code.float().contiguous(), state.nested_absmax.float().contiguous()
+        offset, nested_bs = float(state.offset), state.nested_block_size
     else:
-        keep.append(state.absmax.float().contiguous())
+        scales = (state.absmax if absmax is None else absmax).float().contiguous()  # (n_blocks,) fp32
     bs = state.block_size
     rc = kernel(
-        keep[1].data_ptr(), keep[2].data_ptr(), *nested, keep[0].data_ptr(), out.data_ptr(),
-        out.numel() // bs, bs, _native.KINDS[out.dtype], torch.get_num_threads(),
+        pk.data_ptr(), scales.data_ptr(),
+        0 if nested_code is None else nested_code.data_ptr(),
+        0 if nested_absmax is None else nested_absmax.data_ptr(), offset, nested_bs,
+        code.data_ptr(), out.data_ptr(), out.numel() // bs, bs, _native.KINDS[out.dtype], torch.get_num_threads(),
     )  # fmt: skip
     if rc != 0:
         raise RuntimeError(f"native 4-bit dequantize failed (code {rc}) for block size {bs}, {out.dtype}")
