@@ -26,7 +26,7 @@ def tiny_model(tiny_pipeline_dir: Path) -> DiffusionModel:
     return load_pipeline(tiny_pipeline_dir)
 
 
-def write_images(folder: Path, n: int, seed: int, size: int = 8) -> list[torch.Tensor]:
+def _write_images(folder: Path, n: int, seed: int, size: int = 8) -> list[torch.Tensor]:
     """n random RGB images (3, size, size) in [0, 1] saved as PNGs; returns them as written (8-bit)."""
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -35,3 +35,8 @@ def write_images(folder: Path, n: int, seed: int, size: int = 8) -> list[torch.T
         save_png(folder / f"{i:02d}.png", img)
         out.append(img)
     return out
+
+
+@pytest.fixture
+def write_images():  # type: ignore[no-untyped-def]
+    return _write_images
