@@ -224,10 +224,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .objectives.causal_lm import eval_loss
     from .tasks import score_exact_match
     from .train.data import load_examples, prompt_and_reference, tokenize_examples
     from .train.evaluate import generate_texts
-    from .train.loop import evaluate_loss
+    from .train.runtime import Runtime
 
     model, tok = _load(args.model, args.adapter)
     if args.adapter:
@@ -236,9 +237,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         merge(model)
     loaded = load_examples(args.data, args.format)
     rows, _, _ = tokenize_examples(loaded.examples, tok, args.max_length, True)
-    device = next(model.parameters()).device
+    rt = Runtime(next(model.parameters()).device, bf16=False)
     res: dict[str, Any] = {"examples": len(loaded.examples)}
-    res.update(evaluate_loss(model, rows, int(tok.pad_token_id), args.batch_size, device, bf16=False))
+    res.update(eval_loss(model, rows, int(tok.pad_token_id), args.batch_size, rt))
     pairs = [p for p in map(prompt_and_reference, loaded.examples) if p is not None]
     if pairs and not args.no_generate:
         preds = generate_texts(model, tok, [p for p, _ in pairs], max_new_tokens=args.max_new_tokens,
@@ -292,12 +293,26 @@ COMMANDS = {"train": cmd_train, "generate": cmd_generate, "merge": cmd_merge, "e
             "quantize": cmd_quantize}
 
 
+# Import-time messages of libraries that transformers pulls in when they happen to be installed, which
+# a deltatune user can neither act on nor avoid: torchao (imported by transformers' quantizer table)
+# logs that its optional CUDA/mxfp8 extensions and triton are missing, and registers Enums with
+# torch's pytree, which logs a deprecation. Their own errors still show; `-v` shows everything.
+_IMPORT_NOISE_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
+def _quiet_third_party() -> None:
+    for name in _IMPORT_NOISE_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("transformers", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not args.verbose:
+        _quiet_third_party()
     try:
         return COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, OSError) as e:
