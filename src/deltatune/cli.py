@@ -6,6 +6,7 @@
   deltatune quantize MODEL --out DIR [--block-size 64] [--no-double-quant] [--skip lm_head ...]
   deltatune eval  --data FILE [--model SPEC] [--adapter DIR]
   deltatune info  DIR   (adapter or model directory)
+  deltatune dreambooth --model PIPELINE_DIR --instance-dir DIR --instance-prompt "a sks dog" [...] --out DIR
 """
 
 from __future__ import annotations
@@ -95,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="what an adapter or model directory holds (bytes by storage type)")
     i.add_argument("path")
+    from .diffusion.command import add_parser as add_dreambooth_parser
+
+    add_dreambooth_parser(sub)
     return p
 
 
@@ -289,8 +293,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_dreambooth(args: argparse.Namespace) -> int:
+    from .diffusion.command import cmd_dreambooth
+
+    return cmd_dreambooth(args)
+
+
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "merge": cmd_merge, "eval": cmd_eval, "info": cmd_info,
-            "quantize": cmd_quantize}
+            "quantize": cmd_quantize, "dreambooth": _cmd_dreambooth}
 
 
 # Import-time messages of libraries that transformers pulls in when they happen to be installed, which

@@ -14,8 +14,8 @@ from deltatune.diffusion import (
     apply_lora,
     augment,
     load_image_dir,
-    loss_sum,
     lora_target_regex,
+    loss_sum,
     pair_rows,
     prepare,
 )

@@ -155,7 +155,8 @@ def build_components(spec: MiniSpec, tokenizer_dir: str | Path, seed: int = 0) -
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                               beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
                               prediction_type="epsilon")
-    for m in (vae, unet, text_encoder):
+    modules: list[Any] = [vae, unet, text_encoder]
+    for m in modules:
         m.eval()
     return {"vae": vae, "unet": unet, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
 
@@ -167,8 +168,8 @@ def save_pipeline(components: dict[str, Any], out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    pipe = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    pipe: Any = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
+                                        requires_safety_checker=False)
     pipe.save_pretrained(str(tmp))
     if out.exists():
         shutil.rmtree(out)

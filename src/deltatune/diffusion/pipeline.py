@@ -43,25 +43,38 @@ class DiffusionModel(nn.Module):
     """
 
     def __init__(self, unet: nn.Module, text_encoder: nn.Module, vae: nn.Module, tokenizer: Any,
-                 scheduler: Any) -> None:
+                 scheduler: Any, train_text_encoder: bool = True) -> None:
         super().__init__()
         from diffusers import DDPMScheduler
 
         self.unet = unet
-        self.text_encoder = text_encoder
         vae.requires_grad_(False)
         vae.eval()
-        # Plain attributes, not submodules: no method can train the VAE, no state_dict holds it.
+        # Plain attributes, not submodules: no method can train the VAE (nor a text encoder that is
+        # to stay frozen — 'full' then means the UNet), no state_dict or checkpoint holds them.
         self.__dict__["vae"] = vae
+        if train_text_encoder:
+            self.text_encoder = text_encoder
+        else:
+            text_encoder.requires_grad_(False)
+            text_encoder.eval()
+            self.__dict__["text_encoder"] = text_encoder
         self.tokenizer = tokenizer
         self.scheduler = scheduler  # the sampler (the pipeline's scheduler folder)
         self.noise_scheduler = DDPMScheduler.from_config(scheduler.config)  # training noise, as the peers do
         self.base_fingerprint = base_fingerprint(unet, text_encoder, vae)
 
     vae: nn.Module
+    text_encoder: nn.Module
+
+    @property
+    def text_encoder_is_submodule(self) -> bool:
+        return "text_encoder" in self._modules
 
     def _apply(self, fn: Any, recurse: bool = True) -> DiffusionModel:  # .to()/.half() reach the VAE too
         self.vae._apply(fn)
+        if not self.text_encoder_is_submodule:
+            self.text_encoder._apply(fn)
         return super()._apply(fn, recurse)  # type: ignore[return-value]
 
     @property
@@ -70,7 +83,8 @@ class DiffusionModel(nn.Module):
 
     @property
     def resolution(self) -> int:
-        return int(self.unet.config.sample_size) * self.vae_scale_factor  # type: ignore[union-attr,operator]
+        unet: Any = self.unet
+        return int(unet.config.sample_size) * self.vae_scale_factor
 
     @property
     def vae_scale_factor(self) -> int:
@@ -112,9 +126,9 @@ class DiffusionModel(nn.Module):
         """diffusers' StableDiffusionPipeline around these very modules (adapters included)."""
         from diffusers import StableDiffusionPipeline
 
-        pipe = StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
-                                       unet=self.unet, scheduler=self.scheduler, safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
+        pipe: Any = StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+                                            unet=self.unet, scheduler=self.scheduler, safety_checker=None,
+                                            feature_extractor=None, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -127,6 +141,7 @@ class DiffusionModel(nn.Module):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         was = self.training
         self.eval()
+        self.text_encoder.eval()
         try:
             gens = [torch.Generator(self._device()).manual_seed(int(s)) for s in seeds]
             out = self.pipeline()(list(prompts), num_inference_steps=steps, guidance_scale=guidance_scale,
@@ -144,9 +159,11 @@ class DiffusionModel(nn.Module):
                               "tokenizer": self.tokenizer, "scheduler": self.scheduler}, out)
 
 
-def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32) -> DiffusionModel:
+def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, train_text_encoder: bool = True,
+                  device: torch.device | str = "cpu") -> DiffusionModel:
     """A local diffusers Stable Diffusion directory (model_index.json + unet/vae/text_encoder/tokenizer/
-    scheduler) as a :class:`DiffusionModel`, in eval mode."""
+    scheduler) as a :class:`DiffusionModel`, frozen, in eval mode. ``train_text_encoder=False`` keeps
+    the text encoder out of the module tree (no method can train it)."""
     from diffusers import StableDiffusionPipeline
 
     path = Path(path)
@@ -158,7 +175,9 @@ def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32) -> Diffu
         raise ValueError(f"--model {path}: a Stable Diffusion directory needs the folders {missing}")
     pipe = StableDiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, safety_checker=None,
                                                    requires_safety_checker=False)
-    model = DiffusionModel(pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer, pipe.scheduler)
+    model = DiffusionModel(pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer, pipe.scheduler,
+                           train_text_encoder=train_text_encoder)
+    model.to(device)
     model.eval()
     model.requires_grad_(False)
     return model
@@ -183,7 +202,7 @@ def save_grid(path: str | Path, rows: Sequence[tuple[str, torch.Tensor]], scale:
         draw.text((4, y * (r + 2) + r // 2 - 6), label, fill="black")
         for x, img in enumerate(imgs):
             arr = img.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-            tile = Image.fromarray(arr, "RGB").resize((r, r), Image.NEAREST)
+            tile = Image.fromarray(arr, "RGB").resize((r, r), Image.Resampling.NEAREST)
             canvas.paste(tile, (label_w + x * (r + 2), y * (r + 2)))
     import io
 
@@ -194,9 +213,7 @@ def save_grid(path: str | Path, rows: Sequence[tuple[str, torch.Tensor]], scale:
 
 
 # Frequent English words: an identifier among them carries a strong prior of its own.
-_COMMON = set("""a an the of and or to in on at by for with from as is are was be this that it its my your his her
-their our dog cat man woman person photo picture image style art car house tree red blue green black white
-new old big small good best top one two three sun sky sea beach city street""".split())
+_COMMON = set(["a", "an", "the", "of", "and", "or", "to", "in", "on", "at", "by", "for", "with", "from", "as", "is", "are", "was", "be", "this", "that", "it", "its", "my", "your", "his", "her", "their", "our", "dog", "cat", "man", "woman", "person", "photo", "picture", "image", "style", "art", "car", "house", "tree", "red", "blue", "green", "black", "white", "new", "old", "big", "small", "good", "best", "top", "one", "two", "three", "sun", "sky", "sea", "beach", "city", "street"])
 
 
 def identifier_warning(tokenizer: Any, instance_prompt: str, class_prompt: str | None) -> str | None:
