@@ -187,31 +187,34 @@ def main() -> int:
     rows: list[dict] = [{"method": "base", "lambda": None, "seed": None,
                          **metrics(net, base_inst, base_cls, subject, base_cls)}]
     grid = [("real instance images", subject), ("base: " + INSTANCE_PROMPT, base_inst[:8]), ("base: " + CLASS_PROMPT, base_cls[:8])]
-    for method in args.methods:
-        for lam in args.lambdas:
-            for seed in args.seeds:
-                run_dir = work / f"{method}-l{lam}-s{seed}"
-                shutil.rmtree(run_dir, ignore_errors=True)
-                t0 = time.perf_counter()
-                s = train_one(pipe, inst, cls, run_dir, method, lam, seed, args.steps, args.class_images, [])
-                model = load_pipeline(pipe)
-                if method == "lora":
-                    load_diffusers_lora(model, run_dir)
-                else:
-                    model = load_pipeline(run_dir / "pipeline")
-                gi, gc = sample(model, INSTANCE_PROMPT, args.samples), sample(model, CLASS_PROMPT, args.samples)
-                gn = sample(model, NEW_CONTEXT, 8)
-                m = metrics(net, gi, gc, subject, base_cls)
-                rows.append({"method": method, "lambda": lam, "seed": seed, **m,
-                             "train_s": s["train_seconds"], "wall_s": round(time.perf_counter() - t0, 1)})
-                print(json.dumps(rows[-1]))
-                if seed == args.seeds[0]:
-                    tag = f"{method} λ={lam:g}"
-                    grid += [(f"{tag}: {INSTANCE_PROMPT}", gi[:8]), (f"{tag}: {NEW_CONTEXT}", gn[:8]),
-                             (f"{tag}: {CLASS_PROMPT}", gc[:8])]
-    save_grid(out / "grid.png", grid, scale=3)
+    # λ = 0 and λ = 1 of each method first, so an interrupted run already holds the main comparison.
+    lams = sorted(args.lambdas, key=lambda v: (v not in (0.0, 1.0), v))
+    order = [(m, lam) for lam in lams for m in args.methods]
     result = {"classifier_test_acc": clf_acc, "base_prompted_class_acc": prompt_acc, "steps": args.steps,
               "samples": args.samples, "class_images": args.class_images, "rows": rows}
+    for method, lam in order:
+        for seed in args.seeds:
+            run_dir = work / f"{method}-l{lam}-s{seed}"
+            shutil.rmtree(run_dir, ignore_errors=True)
+            t0 = time.perf_counter()
+            s = train_one(pipe, inst, cls, run_dir, method, lam, seed, args.steps, args.class_images, [])
+            model = load_pipeline(pipe)
+            if method == "lora":
+                load_diffusers_lora(model, run_dir)
+            else:
+                model = load_pipeline(run_dir / "pipeline")
+            gi, gc = sample(model, INSTANCE_PROMPT, args.samples), sample(model, CLASS_PROMPT, args.samples)
+            gn = sample(model, NEW_CONTEXT, 8)
+            m = metrics(net, gi, gc, subject, base_cls)
+            rows.append({"method": method, "lambda": lam, "seed": seed, **m,
+                         "train_s": s["train_seconds"], "wall_s": round(time.perf_counter() - t0, 1)})
+            print(json.dumps(rows[-1]))
+            if seed == args.seeds[0]:
+                tag = f"{method} λ={lam:g}"
+                grid += [(f"{tag}: {INSTANCE_PROMPT}", gi[:8]), (f"{tag}: {NEW_CONTEXT}", gn[:8]),
+                         (f"{tag}: {CLASS_PROMPT}", gc[:8])]
+            save_grid(out / "grid.png", grid, scale=3)  # after every run: partial results survive
+            (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     if args.peer:
         result["peer"] = peer_timing(Path(args.peer), pipe, inst, cls, work, args.peer_steps)
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
