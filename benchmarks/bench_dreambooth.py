@@ -210,7 +210,7 @@ def main() -> int:
                          "train_s": s["train_seconds"], "wall_s": round(time.perf_counter() - t0, 1)})
             print(json.dumps(rows[-1]))
             if seed == args.seeds[0]:
-                tag = f"{method} λ={lam:g}"
+                tag = f"{method} lambda={lam:g}"
                 grid += [(f"{tag}: {INSTANCE_PROMPT}", gi[:8]), (f"{tag}: {NEW_CONTEXT}", gn[:8]),
                          (f"{tag}: {CLASS_PROMPT}", gc[:8])]
             save_grid(out / "grid.png", grid, scale=3)  # after every run: partial results survive

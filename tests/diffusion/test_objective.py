@@ -56,6 +56,7 @@ def test_dreambooth_cli_resume_equals_uninterrupted(tiny_pipeline_dir: Path, tmp
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
+@pytest.mark.slow  # ~25 s on the shared CPU; test_adapters covers the same pieces below the loop
 def test_dreambooth_full_and_text_encoder(tiny_pipeline_dir: Path, tmp_path: Path, write_images) -> None:
     """Full fine-tuning trains the UNet only; a run with the text encoder adapts it too (LoRA file
     keys under text_encoder.)."""
