@@ -21,7 +21,7 @@ def format_report(composed: Composed) -> list[str]:
     lines = [f"{'module':<60} {'rank':>5} {'energy kept':>12}"]
     for path, m in composed.modules.items():
         e = composed.energy.get(path)
-        lines.append(f"{path:<60} {m.rank:>5} {('%.6f' % e) if e is not None else 'n/a (factor-wise)':>12}")
+        lines.append(f"{path:<60} {m.rank:>5} {f'{e:.6f}' if e is not None else 'n/a (factor-wise)':>12}")
     kept = [e for e in composed.energy.values() if e is not None]
     if kept:
         lines.append(f"{len(composed.modules)} modules, energy kept: min {min(kept):.6f}, mean {sum(kept) / len(kept):.6f}")

@@ -14,13 +14,14 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from ..methods.lora import LoraLayer
 from .combine import Composed, CompositionError, combine
 from .sources import from_model
 
 __all__ = ["set_weighted", "add_weighted_adapter", "merge_weighted", "load_composed"]
 
 
-def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def _lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
     from ..inject import lora_layers
 
     return list(lora_layers(model))
@@ -117,7 +118,9 @@ def merge_weighted(model: nn.Module, weights: Mapping[str, float]) -> nn.Module:
         names = [n for n in weights if n in layer.adapters]
         if not names:
             continue
-        total = sum((layer.delta(n) for n in names[1:]), layer.delta(names[0]))
+        total = layer.delta(names[0])
+        for n in names[1:]:
+            total = total + layer.delta(n)
         add_to_weight(layer.base_layer, total)
         layer.merged.extend(names)
     return model

@@ -57,7 +57,7 @@ def prune_della(t: torch.Tensor, density: float, generator: torch.Generator | No
     _check_density(density)
     if density >= 1:
         return t
-    if not (0 < density - epsilon and density + epsilon < 1):
+    if not (density - epsilon > 0 and density + epsilon < 1):
         raise ValueError(f"della: density ± epsilon must lie in (0, 1); got density={density}, epsilon={epsilon}")
     rows = t.reshape(t.shape[0], -1)
     ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(rows.dtype)  # 0 = smallest |t| in its row

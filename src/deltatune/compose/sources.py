@@ -72,7 +72,14 @@ def read_adapter(path: str | Path, *, name: str | None = None,
                                "only LoRA (incl. PiSSA/OLoRA-converted), VeRA and AdaLoRA adapters compose")
     if not modules:
         raise CompositionError(f"adapter {who!r}: no adapted modules found in {path}")
+    # A file's key order is not the model's; a fixed (natural) order makes DARE draws reproducible.
+    modules = dict(sorted(modules.items(), key=lambda kv: _natural(kv[0])))
     return AdapterFactors(who, modules, f.fingerprint, c.get("base_model_name_or_path"), c.get("task_type"))
+
+
+def _natural(path: str) -> list[tuple[int, int | str]]:
+    """'layers.10.q' after 'layers.2.q': digit runs compare as numbers."""
+    return [(0, int(t)) if t.isdigit() else (1, t) for t in re.split(r"(\d+)", path)]
 
 
 def _fp_shapes(fp: dict[str, Any] | None) -> dict[str, tuple[int, int]]:
