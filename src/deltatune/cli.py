@@ -6,6 +6,7 @@
   deltatune quantize MODEL --out DIR [--block-size 64] [--no-double-quant] [--skip lm_head ...]
   deltatune eval  --data FILE [--model SPEC] [--adapter DIR]
   deltatune info  DIR   (adapter or model directory)
+  deltatune compose --adapter DIR --adapter DIR [...] [--weights 0.7,0.3] [--method NAME] --out DIR
 """
 
 from __future__ import annotations
@@ -95,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="what an adapter or model directory holds (bytes by storage type)")
     i.add_argument("path")
+
+    from .compose.cli import add_parser as add_compose_parser
+
+    add_compose_parser(sub)
     return p
 
 
@@ -289,8 +294,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compose(args: argparse.Namespace) -> int:
+    from .compose.cli import cmd_compose as run
+
+    return run(args)
+
+
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "merge": cmd_merge, "eval": cmd_eval, "info": cmd_info,
-            "quantize": cmd_quantize}
+            "quantize": cmd_quantize, "compose": cmd_compose}
 
 
 # Import-time messages of libraries that transformers pulls in when they happen to be installed, which

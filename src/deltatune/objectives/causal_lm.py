@@ -170,7 +170,11 @@ class CausalLM(Objective):
     def save(self, model: nn.Module, out_dir: Path) -> None:
         from ..registry import get_method
 
-        if get_method(self.cfg.method).saves == "adapter":
+        method = get_method(self.cfg.method)
+        if method.save is not None:  # the method writes its own files (mix: λ + the composed adapter)
+            method.save(model, out_dir)
+            return
+        if method.saves == "adapter":
             from ..io import save_adapter
 
             save_adapter(model, out_dir / "adapter")
