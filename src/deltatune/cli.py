@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop string: the reply ends before it (repeatable)")
 
     m = sub.add_parser("merge", help="merge an adapter into its base and write a plain HF model directory")
     m.add_argument("--model", default="default")
@@ -142,7 +144,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
+    from .generate import (
+        Row,
+        SamplingParams,
+        TextTracker,
+        encode_prompt,
+        generate_ids,
+        pad_token_id,
+        stop_token_ids,
+    )
 
     model, tok = _load(args.model, args.adapter)
     if args.adapter:
@@ -150,23 +160,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         merge(model)  # merged decoding costs what the base costs
     if args.messages:
-        messages = json.loads(Path(args.messages).read_text())
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = encode_prompt(tok, json.loads(Path(args.messages).read_text()))
     elif args.raw:
-        text = args.prompt
+        ids = list(tok(args.prompt, add_special_tokens=False)["input_ids"])
     else:
-        text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
-                                       add_generation_prompt=True)
-    ids = tok(text, return_tensors="pt", add_special_tokens=False).to(next(model.parameters()).device)
-    torch.manual_seed(args.seed)
-    sample = args.temperature > 0
-    kw: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "do_sample": sample,
-                          "pad_token_id": tok.pad_token_id}
-    if sample:
-        kw.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or None)
-    with torch.inference_mode():
-        out = model.generate(**ids, **kw)
-    print(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+        ids = encode_prompt(tok, [{"role": "user", "content": args.prompt}])
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
+    row = Row(ids, params, text=TextTracker(tok, params.stop))
+    generate_ids(model, [row], stop_ids=stop_token_ids(tok, model), pad_id=pad_token_id(tok))
+    assert row.text is not None
+    print(row.text.text.strip())
     return 0
 
 
@@ -224,9 +228,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .generate import generate_texts
     from .tasks import score_exact_match
     from .train.data import load_examples, prompt_and_reference, tokenize_examples
-    from .train.evaluate import generate_texts
     from .train.loop import evaluate_loss
 
     model, tok = _load(args.model, args.adapter)

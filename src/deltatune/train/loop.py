@@ -118,8 +118,8 @@ def evaluate_loss(model: nn.Module, rows: list[Tokenized], pad_id: int, batch_si
 
 def _exact_match(model: nn.Module, tokenizer: Any, data: PreparedData, cfg: TrainConfig,
                  progress: bool) -> tuple[float, list[str]]:
+    from ..generate import generate_texts
     from ..tasks import score_exact_match
-    from .evaluate import generate_texts
 
     preds = generate_texts(model, tokenizer, data.eval_prompts, max_new_tokens=cfg.eval.max_new_tokens,
                            batch_size=cfg.eval.batch_size, progress=progress)
