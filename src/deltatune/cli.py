@@ -5,6 +5,7 @@
   deltatune merge --adapter DIR [--model SPEC] --out DIR [--into-4bit [--data FILE]]
   deltatune quantize MODEL --out DIR [--block-size 64] [--no-double-quant] [--skip lm_head ...]
   deltatune eval  --data FILE [--model SPEC] [--adapter DIR]
+  deltatune serve [--model SPEC] [--adapter NAME=DIR ...] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
   deltatune info  DIR   (adapter or model directory)
 """
 
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dtype", default="auto", help="auto/bf16/fp32")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop string: the reply ends before it (repeatable)")
 
@@ -94,6 +96,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-new-tokens", type=int, default=128)
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--no-generate", action="store_true", help="loss/perplexity only")
+
+    s = sub.add_parser("serve", help="serve a base model and LoRA adapters behind an OpenAI-compatible HTTP API")
+    s.add_argument("--model", default="default", help="'default', an HF model directory or a .gguf file")
+    s.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="serve the adapter in DIR as model NAME (repeatable)")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $DELTATUNE_API_KEY)")
+    s.add_argument("--max-batch-size", type=int, default=8, help="rows decoded together")
+    s.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429")
+    s.add_argument("--adapter-root", default=None,
+                   help="enable POST /v1/load_lora_adapter for adapters under this directory")
+    s.add_argument("--max-tokens", type=int, default=1024, help="cap on (and default for) a request's max_tokens")
+    s.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    s.add_argument("--dtype", default="auto")
 
     i = sub.add_parser("info", help="what an adapter or model directory holds (bytes by storage type)")
     i.add_argument("path")
@@ -154,7 +171,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         stop_token_ids,
     )
 
-    model, tok = _load(args.model, args.adapter)
+    model, tok = _load(args.model, args.adapter, args.dtype)
     if args.adapter:
         from . import merge
 
@@ -252,6 +269,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from .models import load_model
+    from .serve import base_model_name, build_server, parse_adapter_args
+
+    adapters = parse_adapter_args(args.adapter)
+    model, tok = load_model(args.model, dtype=args.dtype)
+    server = build_server(model, tok, base_name=base_model_name(args.model, model), adapters=adapters,
+                          host=args.host, port=args.port, api_key=args.api_key or os.environ.get("DELTATUNE_API_KEY"),
+                          max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                          adapter_root=args.adapter_root, max_tokens=args.max_tokens,
+                          max_body_bytes=args.max_body_bytes)
+    names = ", ".join([server.engine.base_name, *adapters])
+    print(f"serving {names} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)", flush=True)
+    server.run()
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .io import read_adapter_info
 
@@ -293,7 +329,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "merge": cmd_merge, "eval": cmd_eval, "info": cmd_info,
-            "quantize": cmd_quantize}
+            "quantize": cmd_quantize, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
