@@ -6,6 +6,7 @@
   deltatune quantize MODEL --out DIR [--block-size 64] [--no-double-quant] [--skip lm_head ...]
   deltatune eval  --data FILE [--model SPEC] [--adapter DIR]
   deltatune serve [--model SPEC] [--adapter NAME=DIR ...] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+  deltatune export --format gguf [--model SPEC] [--adapter DIR [--merge]] --out FILE.gguf [--outtype f16]
   deltatune info  DIR   (adapter or model directory)
 """
 
@@ -111,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-tokens", type=int, default=1024, help="cap on (and default for) a request's max_tokens")
     s.add_argument("--max-body-bytes", type=int, default=1 << 20)
     s.add_argument("--dtype", default="auto")
+
+    x = sub.add_parser("export", help="export a model or an adapter for another runtime (GGUF: llama.cpp)")
+    x.add_argument("--format", required=True, choices=["gguf"])
+    x.add_argument("--model", default="default", help="the base: 'default', an HF model directory or a .gguf file")
+    x.add_argument("--adapter", help="a LoRA adapter directory: written as a GGUF adapter file (or merged with --merge)")
+    x.add_argument("--merge", action="store_true", help="merge --adapter into the base and write the whole model")
+    x.add_argument("--out", required=True, help="the .gguf file to write")
+    x.add_argument("--outtype", default=None, choices=["f32", "f16", "q8_0"],
+                   help="tensor type (model default f16; adapters f32 or f16, default f32)")
 
     i = sub.add_parser("info", help="what an adapter or model directory holds (bytes by storage type)")
     i.add_argument("path")
@@ -288,6 +298,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export.gguf import export_adapter_gguf, export_model_gguf
+
+    out = Path(args.out)
+    if args.adapter and not args.merge:
+        from transformers import AutoConfig
+
+        from .models import load_model
+
+        if (Path(args.model) / "config.json").is_file():
+            config = AutoConfig.from_pretrained(args.model)
+        else:  # 'default' or a .gguf file: the config comes with the model
+            config = load_model(args.model, dtype="fp32")[0].config
+        export_adapter_gguf(args.adapter, config, out, args.outtype or "f32")
+        print(f"GGUF LoRA adapter written to {out} (llama.cpp: llama-cli -m BASE.gguf --lora {out})")
+        return 0
+    from . import load_adapter, unload
+    from .models import load_model
+
+    model, tok = load_model(args.model, dtype="fp32")  # merge in fp32; the file's type is --outtype
+    if args.adapter:
+        load_adapter(model, args.adapter)
+        model = unload(model)
+    export_model_gguf(model, tok, out, args.outtype or "f16")
+    print(f"GGUF model written to {out} ({args.outtype or 'f16'}; llama.cpp and transformers' gguf_file= read it)")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .io import read_adapter_info
 
@@ -329,7 +367,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "merge": cmd_merge, "eval": cmd_eval, "info": cmd_info,
-            "quantize": cmd_quantize, "serve": cmd_serve}
+            "quantize": cmd_quantize, "serve": cmd_serve, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:
