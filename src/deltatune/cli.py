@@ -318,10 +318,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .models import load_model
 
     model, tok = load_model(args.model, dtype="fp32")  # merge in fp32; the file's type is --outtype
+    plain: Any = model
     if args.adapter:
         load_adapter(model, args.adapter)
-        model = unload(model)
-    export_model_gguf(model, tok, out, args.outtype or "f16")
+        plain = unload(model)
+    export_model_gguf(plain, tok, out, args.outtype or "f16")
     print(f"GGUF model written to {out} ({args.outtype or 'f16'}; llama.cpp and transformers' gguf_file= read it)")
     return 0
 
