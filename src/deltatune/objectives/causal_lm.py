@@ -148,8 +148,8 @@ class CausalLM(Objective):
         if stage == "during":
             return {"eval_loss": out["eval_loss"]} if out else {}
         if ecfg.exact_match and data.eval_prompts:
+            from ..generate import generate_texts
             from ..tasks import exact_match, score_exact_match
-            from ..train.evaluate import generate_texts
 
             t0 = time.perf_counter()
             preds = generate_texts(model, self.tokenizer, data.eval_prompts, max_new_tokens=ecfg.max_new_tokens,
