@@ -262,6 +262,7 @@ def lora_set_active(model: nn.Module, names: list[str]) -> None:
     model.requires_grad_(False)
     for _, layer in lora_layers(model):
         layer.active = [n for n in names if n in layer.adapters]
+        layer.weights = {}  # plain activation: every λ = 1 (compose.set_weighted sets others)
         for n in layer.adapters:
             for p in _adapter_params(layer, n):
                 p.requires_grad_(n in names)

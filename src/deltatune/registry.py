@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from . import describe, io
+from .compose.mix import MixConfig
 from .inject import (
     get_state,
     lora_delete,
@@ -96,6 +97,8 @@ class Method:
     quantizable: bool = True  # a 4-bit frozen base is allowed (model.quantize, a 4-bit checkpoint)
     base_quant: str = "none"  # an alias that implies model.quantize (qlora = lora + nf4)
     check: Callable[[Any], None] | None = None  # cross-section validation of a TrainConfig
+    # Writes the method's own files into the run directory instead of the default for `saves` (mix).
+    save: Callable[[nn.Module, Path], None] | None = None
 
 
 # ------------------------------------------------------------------------------------ sections
@@ -112,6 +115,7 @@ PROMPT = Section("prompt", PromptConfig, PromptConfig,
                  "Virtual-token settings (methods 'prompt_tuning', 'prefix_tuning', 'p_tuning_v2').")
 VERA = Section("vera", VeraConfig, VeraConfig, "VeRA settings (method 'vera').")
 ADALORA = Section("adalora", AdaLoraConfig, AdaLoraConfig, "AdaLoRA settings (method 'adalora').")
+MIX = Section("mix", MixConfig, MixConfig, "Learnable mixing weights over frozen LoRA adapters (method 'mix').")
 
 
 # ------------------------------------------------------------------------------------ adapter kinds
@@ -201,6 +205,19 @@ def _apply_bottleneck(model: nn.Module, cfg: Any, info: RunInfo) -> list[Hook]:
     return []
 
 
+def _apply_mix(model: nn.Module, cfg: Any, info: RunInfo) -> list[Hook]:
+    from .compose.mix import apply_mix
+
+    apply_mix(model, cfg.mix)
+    return []
+
+
+def _save_mix(model: nn.Module, out_dir: Path) -> None:
+    from .compose.mix import save_mix
+
+    save_mix(model, out_dir)
+
+
 def _prompt_apply(kind: str, projection: bool | None) -> Callable[[nn.Module, Any, RunInfo], list[Hook]]:
     """The three prompt methods share the ``prompt:`` section; the method picks the seam (and P-Tuning v2
     is prefix tuning without the MLP reparameterisation)."""
@@ -263,6 +280,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("p_tuning_v2", "P-Tuning v2: a deep prompt at every layer, as key/value prefixes without "
            "reparameterisation; trains l·L·2·d_kv", _prompt_apply("prefix", False), "adapter", PROMPT, _PROMPTS,
            check=_check_prefix("p_tuning_v2", projection_ok=False)),
+    Method("mix", "mixing weights: Σₙ λₙ·sₙ·Bₙ(Aₙx) over frozen LoRA adapters (mix.adapters); trains one λ "
+           "per adapter (× layer or module with mix.granularity)", _apply_mix, "adapter", MIX, _LORA, save=_save_mix),
 ]}
 
 
