@@ -226,9 +226,10 @@ def _merge_into_4bit(args: argparse.Namespace) -> int:
     import warnings
 
     from . import load_adapter
+    from .data import reference_batches
     from .models import resolve_dtype
     from .quant.linear4bit import Linear4bit, quantize_model
-    from .quant.merge import format_merge_report, merge_into_4bit_checkpoint, reference_batches
+    from .quant.merge import format_merge_report, merge_into_4bit_checkpoint
 
     model, tok = _load(args.model, None, args.dtype)
     base16 = None
@@ -261,11 +262,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .data import load_examples, prompt_and_reference, tokenize_examples
     from .generate import generate_texts
     from .objectives.causal_lm import eval_loss
     from .tasks import score_exact_match
     from .train.config import DataConfig, EvalConfig
-    from .train.data import load_examples, prompt_and_reference, tokenize_examples
     from .train.runtime import Runtime
 
     ecfg, dcfg = EvalConfig(), DataConfig()

@@ -280,8 +280,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("p_tuning_v2", "P-Tuning v2: a deep prompt at every layer, as key/value prefixes without "
            "reparameterisation; trains l·L·2·d_kv", _prompt_apply("prefix", False), "adapter", PROMPT, _PROMPTS,
            check=_check_prefix("p_tuning_v2", projection_ok=False)),
-    Method("mix", "mixing weights: Σₙ λₙ·sₙ·Bₙ(Aₙx) over frozen LoRA adapters (mix.adapters); trains one λ per "
-           "adapter (× layer or module with mix.granularity)", _apply_mix, "adapter", MIX, _LORA, save=_save_mix),
+    Method("mix", "mixing weights: Σₙ λₙ·sₙ·Bₙ(Aₙx) over frozen LoRA adapters (mix.adapters); trains one λ "
+           "per adapter (× layer or module with mix.granularity)", _apply_mix, "adapter", MIX, _LORA, save=_save_mix),
 ]}
 
 

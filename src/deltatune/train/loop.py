@@ -32,11 +32,11 @@ from torch import nn
 from tqdm import tqdm
 
 from ..config import to_dict
+from ..data import epoch_batches
 from ..io import atomic_write_bytes
 from ..registry import apply_method, get_objective
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import epoch_batches
 from .hooks import RunInfo, after_step, check_hooks, extra_loss, regularisers
 from .inference import merged_for_inference
 from .optim import lr_lambda, make_optimizer, make_scheduler
