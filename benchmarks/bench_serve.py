@@ -190,11 +190,11 @@ def bench_serve(args: argparse.Namespace) -> None:
         return time.perf_counter() - t0, r.usage.completion_tokens
 
     print(f"\nserve: {args.model}, {args.dtype}, {torch.get_num_threads()} thread(s), 8 adapters r=8 on {args.targets}, "
-          f"greedy, max_tokens={args.tokens}, requests = 2 × clients (at least 4)")
+          f"greedy, max_tokens={args.tokens}, requests = one per client (at least 4)")
     print(f"{'clients':>8} {'mode':<34}{'tokens/s':>10}{'p50 s':>8}{'p95 s':>8}")
     table = {}
     for clients in args.clients:
-        n = max(4, 2 * clients)
+        n = max(4, clients)
         t0 = time.perf_counter()
         with ThreadPoolExecutor(clients) as pool:
             out = list(pool.map(request, range(n)))
@@ -225,7 +225,7 @@ def bench_serve(args: argparse.Namespace) -> None:
         return int(out.shape[1] - ids.shape[1])
 
     for clients in args.clients:
-        n = max(4, 2 * clients)
+        n = max(4, clients)
         # `clients` requests arrive together, are served one after another; the next wave follows.
         lat, tokens = [], 0
         t0 = time.perf_counter()
