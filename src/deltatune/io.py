@@ -33,6 +33,7 @@ from .inject import (
 from .methods import dora, lora_init
 from .methods.lora import LoraLayer, base_shape, supported_base, weight_checksum
 from .methods.lora_config import LoraConfig
+from .validate import check_tensors
 
 __all__ = ["save_adapter", "load_adapter", "AdapterFileError", "AdapterMismatchError", "fingerprint",
            "read_adapter_info", "atomic_write_bytes"]
@@ -56,16 +57,21 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file in the same directory + rename (never half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    from .fsutil import default_mode
+
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, default_mode())  # mkstemp makes 0600; an output follows the umask
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with _suppress():
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None and not str(e).startswith(str(path)):
+            raise OSError(e.errno, f"{path}: writing failed ({e.strerror or e}); the previous file is kept") from e
         raise
 
 
@@ -166,17 +172,39 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model: nn.Module, path: str | Path, name: str | None = None) -> Path:
-    """Write adapter ``name`` (default: the active one) as a PEFT-compatible directory."""
-    from safetensors.torch import save
+    """Write adapter ``name`` (default: the active one) as a PEFT-compatible directory.
 
+    The files are written in a temporary sibling directory (fsynced, modes per the umask) and
+    renamed into place, so a crash or a full disk never leaves half an adapter (fsutil.atomic_dir)."""
     state = get_state(model)
     name = name or (state.active[0] if state.active else next(iter(state.configs)))
     if name not in state.configs:
         raise ValueError(f"no adapter named {name!r}; this model has {sorted(state.configs)}")
+    out = Path(path)
+    from .fsutil import atomic_dir, merge_into_dir
+
+    if out.is_dir() and any(out.iterdir()):
+        # A directory that already holds files (an earlier save, a README): build the adapter in a
+        # temporary sibling, then move each file in with an atomic rename; other files stay.
+        with atomic_dir(out.parent / f".{out.name}.new", replaceable=lambda _: True,
+                        what="adapter directory") as tmp:
+            _save_adapter_files(model, tmp, name)
+        merge_into_dir(out.parent / f".{out.name}.new", out)
+        return out
+    with atomic_dir(out, what="adapter directory") as tmp:
+        _save_adapter_files(model, tmp, name)
+    return out
+
+
+def _save_adapter_files(model: nn.Module, out: Path, name: str) -> None:
+    from safetensors.torch import save
+
+    state = get_state(model)
     cfg = state.configs[name]
     other = _method_files(getattr(cfg, "PEFT_TYPE", "LORA"))
     if other is not None:
-        return other.save_peft(model, Path(path), name)  # type: ignore[no-any-return]
+        other.save_peft(model, out, name)
+        return
     ranks = {p: layer.adapters[name].r for p, layer in lora_layers(model) if name in layer.adapters}
     alphas = {p: layer.adapters[name].alpha for p, layer in lora_layers(model) if name in layer.adapters}
     cfg, ranks, alphas = lora_init.saved_config(cfg, ranks, alphas)
@@ -185,12 +213,9 @@ def save_adapter(model: nn.Module, path: str | Path, name: str | None = None) ->
     tensors = {k: v.clone() for k, v in tensors.items()}
     meta = {"format": "pt", "deltatune_fingerprint": json.dumps(fingerprint(model, sorted(ranks))),
             "deltatune_init": cfg.init}
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / WEIGHTS_NAME, save(tensors, metadata=meta))
     config_json = json.dumps(_peft_config(model, cfg, ranks, alphas), indent=2, sort_keys=True)
     atomic_write_bytes(out / CONFIG_NAME, (config_json + "\n").encode())
-    return out
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -305,9 +330,13 @@ def load_adapter(model: nn.Module, path: str | Path, name: str | None = None, *,
     Everything is validated — file integrity, every module path, every shape — before the model is
     changed; on any error the model is exactly as it was.
     """
-    from .inject import _pattern_value
+    from .inject import pattern_or
 
     f = _read_dir(path)
+    try:  # NaN weights would merge into a NaN model; an int32 factor would be cast without a word
+        check_tensors(f.tensors, str(f.directory / WEIGHTS_NAME))
+    except ValueError as e:
+        raise AdapterFileError(str(e)) from None
     state = getattr(model, "deltatune_state", None)
     existing = set(getattr(state, "configs", {}) or {})
     name = name or "default"
@@ -363,7 +392,7 @@ def load_adapter(model: nn.Module, path: str | Path, name: str | None = None, *,
                     "the adapter was made for a different base model"
                 )
         r_file = parts[next(iter(expected))].shape[0]
-        r_cfg = int(_pattern_value(cfg.rank_pattern, mpath) or cfg.r)
+        r_cfg = int(pattern_or(cfg.rank_pattern, mpath, cfg.r))
         if r_file != r_cfg:
             raise AdapterFileError(f"{f.directory}: module {mpath!r} has rank {r_file} in the file but the config says {r_cfg}")
         if cfg.use_dora and tuple(magnitudes.get(mpath, torch.empty(0)).shape) != (base_shape(base)[1],):

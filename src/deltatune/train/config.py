@@ -17,6 +17,7 @@ from deltatune.methods.bottleneck import BottleneckConfig
 from deltatune.methods.lora_config import LoraConfig
 from deltatune.methods.prompts import PromptConfig
 from deltatune.methods.vera import VeraConfig
+from deltatune.validate import finite_fields
 
 __all__ = [
     "TRAIN_METHODS",
@@ -87,6 +88,7 @@ class PartialConfig:
     )
 
     def __post_init__(self) -> None:
+        # An upper bound needs the model: registry's 'partial' refuses more blocks than it has.
         _check(self.top_n_layers >= 0, f"partial.top_n_layers must be >= 0, got {self.top_n_layers}")
 
 
@@ -201,6 +203,7 @@ class LoopConfig:
     )
 
     def __post_init__(self) -> None:
+        finite_fields(self, "train")
         _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
         _check(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
         _check(

@@ -53,6 +53,7 @@ __all__ = [
     "Tokenized",
     "collate",
     "count_loss_tokens",
+    "data_report",
     "detect_format",
     "epoch_batches",
     "epoch_order",
@@ -121,6 +122,8 @@ def read_records(
     Only per-record problems (a bad JSONL line, a ragged CSV row) are skippable; a JSON file
     that does not parse, or an unsupported extension, is always an error."""
     p = Path(path)
+    if p.is_dir():
+        raise DataError(f"{p}: is a directory; expected a data file (.jsonl, .json, .csv or .parquet)")
     if not p.is_file():
         raise DataError(f"{p}: data file not found")
     suffix = p.suffix.lower()
@@ -231,6 +234,8 @@ def detect_format(record: Any, source: str = "<record>") -> str:
 
 def _str_field(rec: Mapping[str, Any], key: str, source: str, *, required: bool) -> str:
     if key not in rec or rec[key] is None:
+        if required and key in rec:
+            raise DataError(f"{source}: '{key}' is null; expected a string")
         if required:
             raise DataError(f"{source}: missing key '{key}' (keys present: {sorted(map(str, rec))})")
         return ""
@@ -244,6 +249,8 @@ def _str_field(rec: Mapping[str, Any], key: str, source: str, *, required: bool)
 
 def _list_field(rec: Mapping[str, Any], key: str, source: str) -> list[Any]:
     if key not in rec or rec[key] is None:
+        if key in rec:
+            raise DataError(f"{source}: '{key}' is null; expected a non-empty list of turns")
         raise DataError(f"{source}: missing key '{key}' (keys present: {sorted(map(str, rec))})")
     value = rec[key]
     if isinstance(value, str):  # CSV cells hold nested data as JSON text
@@ -440,10 +447,12 @@ def tokenize_examples(
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
     completion_only_loss: bool = True,
+    dropped_sources: list[str] | None = None,
 ) -> tuple[list[Tokenized], int, int]:
     """Tokenise all; returns ``(rows, truncated, dropped)``: ``truncated`` counts kept rows that were
     cut to max_length; ``dropped`` counts examples left with no loss token (a prompt longer than
-    max_length, say), which are removed rather than trained on as pure padding."""
+    max_length, say), which are removed rather than trained on as pure padding. Their locations
+    (``file:line``) are appended to ``dropped_sources`` when given, for the run's data report."""
     rows: list[Tokenized] = []
     truncated = dropped = 0
     for ex in examples:
@@ -453,6 +462,8 @@ def tokenize_examples(
         # labels[0] never counts: position 0 has no previous token to predict it from.
         if all(t == IGNORE_INDEX for t in row["labels"][1:]):
             dropped += 1
+            if dropped_sources is not None:
+                dropped_sources.append(ex.source)
             continue
         truncated += was_cut
         rows.append(row)
@@ -510,6 +521,8 @@ class PreparedData:
     skipped_messages: list[str] = field(default_factory=list)
     truncated: int = 0
     dropped: int = 0
+    dropped_sources: list[str] = field(default_factory=list)  # the first few, file:line
+    max_length: int = 0
 
 
 def _builtin(records: list[dict[str, Any]], split: str) -> LoadedExamples:
@@ -531,18 +544,20 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Prepare
         if cfg.eval_file is not None:
             eval_fmt = cfg.format if cfg.format != "auto" else train.format  # one dataset, one shape
             evals = load_examples(cfg.eval_file, eval_fmt, skip_bad_records=cfg.skip_bad_records)
+    dropped_sources: list[str] = []
     train_rows, truncated, dropped = tokenize_examples(
-        train.examples, tokenizer, cfg.max_length, cfg.completion_only_loss
+        train.examples, tokenizer, cfg.max_length, cfg.completion_only_loss, dropped_sources
     )
     if not train_rows:
         raise DataError(
-            f"{cfg.train_file}: no training example has a loss token left within data.max_length={cfg.max_length}"
+            f"{cfg.train_file}: no training example has a loss token left within data.max_length={cfg.max_length} "
+            f"(all {dropped} dropped, e.g. {', '.join(dropped_sources[:3])}): raise data.max_length"
         )
     eval_rows: list[Tokenized] = []
     pairs = []
     if evals is not None:
         eval_rows, t2, d2 = tokenize_examples(
-            evals.examples, tokenizer, cfg.max_length, cfg.completion_only_loss
+            evals.examples, tokenizer, cfg.max_length, cfg.completion_only_loss, dropped_sources
         )
         truncated, dropped = truncated + t2, dropped + d2
         pairs = [p for p in map(prompt_and_reference, evals.examples) if p is not None]
@@ -557,7 +572,28 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Prepare
         skipped_messages=skipped_messages[:_MAX_REPORTED],
         truncated=truncated,
         dropped=dropped,
+        dropped_sources=dropped_sources[:_MAX_REPORTED],
+        max_length=cfg.max_length,
     )
+
+
+def data_report(data: PreparedData, shown: int = 3) -> tuple[str, list[str]]:
+    """The run log's data line, and warnings that name what was lost: records skipped as malformed,
+    records dropped because no loss token fits in max_length, rows truncated — with the first
+    ``shown`` locations (file:line), so nothing vanishes silently."""
+    line = (f"data: {len(data.train)} train rows, {len(data.eval)} eval rows (format {data.format}, "
+            f"{data.skipped} skipped, {data.dropped} dropped, {data.truncated} truncated)")
+    warnings: list[str] = []
+    if data.skipped:
+        warnings.append(f"{data.skipped} malformed record(s) skipped (data.skip_bad_records), e.g. "
+                        + "; ".join(data.skipped_messages[:shown]))
+    if data.dropped:
+        warnings.append(f"{data.dropped} record(s) dropped: no loss token within data.max_length="
+                        f"{data.max_length} tokens (the answer starts after the limit), e.g. "
+                        + ", ".join(data.dropped_sources[:shown]) + "; raise data.max_length to keep them")
+    if data.truncated:
+        warnings.append(f"{data.truncated} record(s) truncated to data.max_length={data.max_length} tokens")
+    return line, warnings
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from ..io import atomic_write_bytes, save_adapter
 from ..registry import get_method
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import IGNORE_INDEX, PreparedData, Tokenized, collate, epoch_batches, prepare_data
+from .data import IGNORE_INDEX, PreparedData, Tokenized, collate, data_report, epoch_batches, prepare_data
 
 log = logging.getLogger("deltatune.train")
 
@@ -234,8 +234,10 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
     device = next(model.parameters()).device
     bf16 = _use_bf16(cfg.train.bf16, device)
     data = prepare_data(cfg.data, tokenizer)
-    log.info("data: %d train rows, %d eval rows (format %s, %d skipped, %d truncated)", len(data.train),
-             len(data.eval), data.format, data.skipped, data.truncated)
+    line, problems = data_report(data)
+    log.info("%s", line)
+    for problem in problems:
+        log.warning("%s", problem)
 
     ckpt = latest_checkpoint(out_dir) if cfg.resume else None
     before: dict[str, Any] = {}
@@ -401,7 +403,8 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
         "peak_memory_mb": round(_peak_memory_mb(device), 1),
         "data": {"format": data.format, "train_rows": len(data.train), "eval_rows": len(data.eval),
                  "skipped_records": data.skipped, "skipped_messages": data.skipped_messages,
-                 "truncated": data.truncated},
+                 "truncated": data.truncated, "dropped_records": data.dropped,
+                 "dropped_sources": data.dropped_sources},
         "final_loss": losses[-1] if losses else None,
     }
     storage = _storage_report(model)
