@@ -21,6 +21,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..fsutil import default_mode, fsync_tree
+
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint"]
 
 
@@ -72,11 +74,16 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
         state = {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(), "progress": progress,
                  "method": method_meta}
         (tmp / "state.json").write_text(json.dumps(state, indent=1, default=_json_default))
+        os.chmod(tmp, default_mode(directory=True))  # mkdtemp's 0700 → what mkdir gives under the umask
+        fsync_tree(tmp)  # the data is on disk before the rename makes the checkpoint visible
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError | SafetensorError):  # a full disk: say which checkpoint, keep the others
+            raise OSError(getattr(e, "errno", None) or 5, f"{final}: writing the checkpoint failed ({e}); "
+                          "the previous checkpoints are kept") from e
         raise
     for old in sorted(root.glob("step-*"))[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)

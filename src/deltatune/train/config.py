@@ -305,6 +305,11 @@ class TrainConfig:
         default=False,
         metadata=_doc("Continue from the latest checkpoint in output_dir (same config, same batch order)."),
     )
+    overwrite: bool = field(
+        default=False,
+        metadata=_doc("Start afresh in an output_dir that holds another run, deleting that run's files "
+                      "(without it such a directory is refused)."),
+    )
 
     def __post_init__(self) -> None:
         _check(
@@ -312,6 +317,8 @@ class TrainConfig:
             f"method must be one of {', '.join(repr(m) for m in TRAIN_METHODS)}, got {self.method!r}",
         )
         _check(bool(self.output_dir.strip()), "output_dir is empty: give a directory, e.g. runs/my-run")
+        _check(not (self.resume and self.overwrite), "resume and overwrite exclude each other: continue the run "
+               "in output_dir (resume) or replace it (overwrite)")
         _check(
             not (self.resume and _TIMESTAMP in self.output_dir),
             "resume: true needs the output_dir of the run to continue (it still contains '{timestamp}'): "

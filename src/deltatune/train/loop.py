@@ -33,10 +33,13 @@ from torch import nn
 from tqdm import tqdm
 
 from ..config import to_dict
+from ..fsutil import dumps_json
 from ..io import atomic_write_bytes, save_adapter
 from ..registry import get_method
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .guard import DivergenceGuard
+from .rundir import claim, last_logged_loss, truncate_metrics
 from .data import IGNORE_INDEX, PreparedData, Tokenized, collate, data_report, epoch_batches, prepare_data
 
 log = logging.getLogger("deltatune.train")
@@ -197,6 +200,7 @@ def run(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer: Any = No
     A run that fails leaves no half-made run directory behind: one this call created and that holds
     no checkpoint yet is removed; otherwise ``error.txt`` in it says why the run stopped."""
     out_dir = Path(cfg.output_dir) if cfg.resume else cfg.resolve_output_dir()
+    claim(cfg, out_dir)  # one run per directory; --resume only with the same config (rundir.py)
     existed = out_dir.exists()
     try:
         return _run(cfg, out_dir, model, tokenizer, progress, stop_after_steps)
@@ -247,7 +251,7 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
     elif cfg.eval.before and (not cfg.resume or ckpt is None):
         before = _evaluate(model, tokenizer, data, cfg, device, bf16, progress, "before training",
                            out_dir / "predictions_before.jsonl")
-        atomic_write_bytes(before_path, json.dumps(before, indent=2).encode())
+        atomic_write_bytes(before_path, dumps_json(before, indent=2).encode())
 
     micro_per_epoch = math.ceil(len(data.train) / cfg.train.batch_size)
     steps_per_epoch = max(1, micro_per_epoch // cfg.train.grad_accum)
@@ -296,8 +300,8 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
 
     pad = int(tokenizer.pad_token_id)
     metrics_path = out_dir / "metrics.jsonl"
-    if not cfg.resume and metrics_path.exists():
-        metrics_path.unlink()
+    truncate_metrics(metrics_path, step)  # steps after the checkpoint are redone: log them once
+    guard = DivergenceGuard(model, out_dir)
     losses: list[float] = []
     model.train()
     t_train = time.perf_counter()
@@ -307,6 +311,7 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
                dynamic_ncols=True)
 
     def checkpoint() -> None:
+        guard.check_params(model, step)  # a checkpoint is always finite: the last one is the last good state
         save_checkpoint(out_dir, step, model, optimizer, scheduler,
                         {"step": step, "epoch": epoch, "micro_done": micro_done, "tokens": tokens_seen},
                         _method_state_owner(model))
@@ -330,6 +335,7 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
                     total += float(loss.detach())
                 grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
                              if cfg.train.max_grad_norm > 0 else None)
+                guard.check_step(step + 1, total, grad_norm, scheduler.get_last_lr()[0], params)  # before the update
                 optimizer.step()
                 scheduler.step()
                 _after_step(model, step)  # before zero_grad: AdaLoRA scores use this step's gradients
@@ -349,7 +355,7 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 and data.eval:
                     ev = evaluate_loss(model, data.eval, pad, cfg.eval.batch_size, device, bf16)
                     rec["eval_loss"] = round(ev["loss"], 6)
-                metrics.write(json.dumps(rec) + "\n")
+                metrics.write(dumps_json(rec) + "\n")
                 metrics.flush()
                 bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
                 bar.update(1)
@@ -405,12 +411,12 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
                  "skipped_records": data.skipped, "skipped_messages": data.skipped_messages,
                  "truncated": data.truncated, "dropped_records": data.dropped,
                  "dropped_sources": data.dropped_sources},
-        "final_loss": losses[-1] if losses else None,
+        "final_loss": losses[-1] if losses else last_logged_loss(metrics_path),  # a finished run resumed
     }
     storage = _storage_report(model)
     if storage:
         summary["storage_bytes"] = storage
-    atomic_write_bytes(out_dir / "summary.json", json.dumps(summary, indent=2).encode())
+    atomic_write_bytes(out_dir / "summary.json", dumps_json(summary, indent=2).encode())
     result.summary = summary
     return result
 
