@@ -64,11 +64,12 @@ class DivergenceGuard:
         return (f"the last good checkpoint is kept: {found[-1]}" if found else
                 "no checkpoint had been written yet")
 
-    def check_step(self, step: int, loss: float, grad_norm: float | torch.Tensor | None, lr: float,
+    def check_step(self, step: int, loss: float, grad_norm: float | torch.Tensor | None, lr: float | torch.Tensor,
                    params: Sequence[torch.Tensor]) -> None:
         """``step``: the optimizer step being taken (1-based); ``loss`` its window loss; ``grad_norm``
         the clipped-from norm (None when clipping is off: computed here); ``lr`` this step's lr."""
         gn = grad_norm_of(params) if grad_norm is None else float(grad_norm)
+        lr = float(lr)
         if not (math.isfinite(loss) and math.isfinite(gn)):
             what = "loss" if not math.isfinite(loss) else "gradient"
             if math.isfinite(loss):

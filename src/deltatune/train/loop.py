@@ -38,9 +38,9 @@ from ..io import atomic_write_bytes, save_adapter
 from ..registry import get_method
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .data import IGNORE_INDEX, PreparedData, Tokenized, collate, data_report, epoch_batches, prepare_data
 from .guard import DivergenceGuard
 from .rundir import claim, last_logged_loss, truncate_metrics
-from .data import IGNORE_INDEX, PreparedData, Tokenized, collate, data_report, epoch_batches, prepare_data
 
 log = logging.getLogger("deltatune.train")
 
