@@ -211,14 +211,13 @@ def _is_model_dir(p: Path) -> bool:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from . import unload
-    from .fsutil import atomic_dir
+    from .fsutil import atomic_dir, check_output
 
     _output_checks(args, ("adapter", args.adapter), ("reference data", getattr(args, "data", None)))
+    out = Path(args.out)
+    check_output(out, replaceable=_is_model_dir, what="merged model directory")  # before the (slow) load
     if args.into_4bit:
         return _merge_into_4bit(args)
-    out = Path(args.out)
-    with atomic_dir(out, replaceable=_is_model_dir, what="merged model directory"):
-        pass  # refuse an unusable --out before the (slow) load
     model, tok = _load(args.model, args.adapter, args.dtype)
     plain: Any = unload(model)
     with atomic_dir(out, replaceable=_is_model_dir, what="merged model directory") as tmp:
@@ -254,12 +253,13 @@ def _merge_into_4bit(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .fsutil import refuse_input
+    from .fsutil import check_output, refuse_input
     from .models import load_model, resolve_dtype
     from .quant.checkpoint import describe_checkpoint, save_4bit_checkpoint
     from .quant.linear4bit import quantize_model
 
     refuse_input(args.out, [("model", None if args.model == "default" else args.model)])
+    check_output(args.out, replaceable=lambda p: (p / "config.json").is_file(), what="model directory")
     model, tok = load_model(args.model, dtype=args.dtype)
     quantize_model(model, args.block_size, not args.no_double_quant, resolve_dtype(args.compute_dtype),
                    args.skip, args.quant_type)

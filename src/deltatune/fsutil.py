@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_dir", "merge_into_dir", "refuse_input", "default_mode", "fsync_tree", "dumps_json", "json_safe",
+__all__ = ["atomic_dir", "check_output", "merge_into_dir", "refuse_input", "default_mode", "fsync_tree", "dumps_json", "json_safe",
            "OutputExistsError"]
 
 
@@ -99,6 +99,17 @@ def _is_io_failure(e: BaseException) -> bool:
                                       any(w in str(e) for w in ("File too large", "No space", "os error")))
 
 
+def check_output(final: str | os.PathLike[str], *, replaceable: Callable[[Path], bool] | None = None,
+                 what: str = "output") -> None:
+    """:func:`atomic_dir`'s refusal rules alone, to run before a slow load; writes nothing."""
+    final = Path(final)
+    if final.is_symlink() or final.is_file():
+        raise OutputExistsError(f"{final}: exists and is a file; the {what} is a directory: choose another path")
+    if final.is_dir() and any(final.iterdir()) and not (replaceable is not None and replaceable(final)):
+        raise OutputExistsError(f"{final}: exists and holds other files; the {what} would replace them: "
+                                "choose a new or empty directory")
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike[str], *, replaceable: Callable[[Path], bool] | None = None,
                what: str = "output") -> Iterator[Path]:
@@ -108,11 +119,7 @@ def atomic_dir(final: str | os.PathLike[str], *, replaceable: Callable[[Path], b
     an earlier output of the same kind (a model directory, an adapter directory); a file, or a
     directory holding anything else, is refused before anything is written."""
     final = Path(final)
-    if final.is_symlink() or final.is_file():
-        raise OutputExistsError(f"{final}: exists and is a file; the {what} is a directory: choose another path")
-    if final.is_dir() and any(final.iterdir()) and not (replaceable is not None and replaceable(final)):
-        raise OutputExistsError(f"{final}: exists and holds other files; the {what} would replace them: "
-                                "choose a new or empty directory")
+    check_output(final, replaceable=replaceable, what=what)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:

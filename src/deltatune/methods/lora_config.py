@@ -72,6 +72,10 @@ class LoraConfig:
         numbers("lora.alpha_pattern", self.alpha_pattern, gt=0)
         for i, idx in enumerate(self.layers_to_transform or []):
             number(f"lora.layers_to_transform[{i}]", idx, integer=True, ge=0)
+        from deltatune.methods import lora_init
+
+        if not lora_init.is_known(self.init):  # at load time, not after the model is loaded
+            lora_init.check_targets(self.init, [])
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         if isinstance(self.target_modules, list | tuple) and not self.target_modules:
