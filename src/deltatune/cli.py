@@ -374,7 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, OSError) as e:
         if args.verbose:
             raise
-        print(f"deltatune {args.command}: error: {e}", file=sys.stderr)
+        # An OSError carries (strerror, filename): print '<path>: <reason>', not '[Errno 28] ...'.
+        text = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror else str(e)
+        print(f"deltatune {args.command}: error: {text}", file=sys.stderr)
         return 2
 
 

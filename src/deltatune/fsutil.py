@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_dir", "check_output", "merge_into_dir", "refuse_input", "default_mode", "fsync_tree", "dumps_json", "json_safe",
+__all__ = ["atomic_dir", "check_output", "fix_modes", "merge_into_dir", "refuse_input", "default_mode", "fsync_tree", "dumps_json", "json_safe",
            "OutputExistsError"]
 
 
@@ -73,7 +73,7 @@ def _fsync_dir(d: Path) -> None:
             os.close(fd)
 
 
-def _fix_modes(root: Path) -> None:
+def fix_modes(root: Path) -> None:
     """Give temp-made files/dirs (0600/0700) the umask's modes; keep execute bits of files."""
     dmode, fmode = default_mode(True), default_mode(False)
     os.chmod(root, dmode)
@@ -88,9 +88,12 @@ def _fix_modes(root: Path) -> None:
 
 
 def _io_error(final: Path, e: BaseException) -> OSError:
+    """OSError(errno, reason, final): the CLI prints '<final>: <reason>'."""
     errno = getattr(e, "errno", None)
     reason = getattr(e, "strerror", None) or str(e)
-    return OSError(errno or 5, f"{final}: writing failed ({reason}); nothing was replaced")
+    inner = getattr(e, "filename", None)
+    where = f" while writing {inner}" if inner else ""
+    return OSError(errno or 5, f"writing failed: {reason}{where}; nothing was replaced", str(final))
 
 
 def _is_io_failure(e: BaseException) -> bool:
@@ -124,7 +127,7 @@ def atomic_dir(final: str | os.PathLike[str], *, replaceable: Callable[[Path], b
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
-        _fix_modes(tmp)
+        fix_modes(tmp)
         fsync_tree(tmp)
         old = None
         if final.exists():
@@ -136,7 +139,7 @@ def atomic_dir(final: str | os.PathLike[str], *, replaceable: Callable[[Path], b
             shutil.rmtree(old, ignore_errors=True)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if _is_io_failure(e) and not str(e).startswith(str(final)):
+        if _is_io_failure(e) and getattr(e, "filename", None) != str(final):
             raise _io_error(final, e) from e
         raise
 

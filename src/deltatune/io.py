@@ -70,8 +70,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException as e:
         with _suppress():
             os.unlink(tmp)
-        if isinstance(e, OSError) and e.filename is None and not str(e).startswith(str(path)):
-            raise OSError(e.errno, f"{path}: writing failed ({e.strerror or e}); the previous file is kept") from e
+        if isinstance(e, OSError) and e.filename is None:  # a full disk: say which file
+            raise OSError(e.errno, f"{e.strerror or e} (the previous file is kept)", str(path)) from e
         raise
 
 

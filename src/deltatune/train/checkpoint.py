@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..fsutil import default_mode, fsync_tree
+from ..fsutil import fix_modes, fsync_tree
 
 if TYPE_CHECKING:
     from .hooks import Hook
@@ -84,7 +84,7 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
         state = {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(), "progress": progress,
                  "hooks": hook_meta}
         (tmp / "state.json").write_text(json.dumps(state, indent=1, default=_json_default))
-        os.chmod(tmp, default_mode(directory=True))  # mkdtemp's 0700 → what mkdir gives under the umask
+        fix_modes(tmp)  # mkdtemp 0700, safetensors 0600 → what open/mkdir give under the umask
         fsync_tree(tmp)  # the data is on disk before the rename makes the checkpoint visible
         if final.exists():
             shutil.rmtree(final)
@@ -92,8 +92,9 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError | SafetensorError):  # a full disk: say which checkpoint, keep the others
-            raise OSError(getattr(e, "errno", None) or 5, f"{final}: writing the checkpoint failed ({e}); "
-                          "the previous checkpoints are kept") from e
+            reason = getattr(e, "strerror", None) or str(e)
+            raise OSError(getattr(e, "errno", None) or 5, f"writing the checkpoint failed: {reason}; the previous "
+                          "checkpoints are kept", str(final)) from e
         raise
     for old in sorted(root.glob("step-*"))[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)

@@ -218,7 +218,7 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
         "steps": prog.step, "train_tokens": prog.tokens, "train_seconds": round(train_seconds, 2),
         "tokens_per_s": round(units_this_run / max(train_seconds, 1e-9), 1),
         "wall_seconds": round(time.perf_counter() - t_start, 2), "peak_memory_mb": round(rt.peak_memory_mb(), 1),
-        "data": splits.info, "final_loss": losses[-1] if losses else last_logged_loss(metrics_path),
+        "data": splits.info, "final_loss": round(losses[-1], 6) if losses else last_logged_loss(metrics_path),  # as metrics.jsonl
     }
     storage = _storage_report(model)
     if storage:
