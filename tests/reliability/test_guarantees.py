@@ -113,3 +113,15 @@ def test_refuse_input(tmp_path: Path) -> None:
         with pytest.raises(OutputExistsError, match="input"):
             refuse_input(out, [("base model", model)])
     refuse_input(tmp_path / "other", [("base model", model), ("adapter", None)])
+
+
+def test_a_truncated_checkpoint_on_resume_says_what_to_do(model_dir: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert main(_args(model_dir, out, "train.max_steps=2")) == 0
+    latest = out / "checkpoints" / "step-000002" / "trainable.safetensors"
+    latest.write_bytes(latest.read_bytes()[:100])
+    capsys.readouterr()
+    assert main(_args(model_dir, out, "train.max_steps=3") + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"{latest.parent}: checkpoint cannot be read" in err and "delete it to resume from the one before" in err
