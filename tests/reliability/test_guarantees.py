@@ -125,3 +125,19 @@ def test_a_truncated_checkpoint_on_resume_says_what_to_do(model_dir: Path, tmp_p
     assert main(_args(model_dir, out, "train.max_steps=3") + ["--resume"]) == 2
     err = capsys.readouterr().err
     assert f"{latest.parent}: checkpoint cannot be read" in err and "delete it to resume from the one before" in err
+
+
+def test_dropped_records_are_counted_and_named(model_dir: Path, tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    data = tmp_path / "d.jsonl"
+    rows = [{"instruction": f"Say {i}", "output": f"ok {i}"} for i in range(6)]
+    rows.insert(3, {"instruction": "word " * 80, "output": "lost"})  # its answer starts after max_length
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    with caplog.at_level("INFO", logger="deltatune"):
+        assert main(_args(model_dir, out, f"data.train_file={data}", "data.max_length=64", "train.max_steps=1",
+                          "eval.exact_match=false")) == 0
+    text = caplog.text
+    assert "1 dropped" in text and f"{data}:4" in text and "data.max_length=64" in text
+    info = json.loads((out / "summary.json").read_text())["data"]
+    assert info["dropped_records"] == 1 and info["dropped_sources"] == [f"{data}:4"]
