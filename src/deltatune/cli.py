@@ -5,7 +5,10 @@
   deltatune merge --adapter DIR [--model SPEC] --out DIR [--into-4bit [--data FILE]]
   deltatune quantize MODEL --out DIR [--block-size 64] [--no-double-quant] [--skip lm_head ...]
   deltatune eval  --data FILE [--model SPEC] [--adapter DIR]
+  deltatune serve [--model SPEC] [--adapter NAME=DIR ...] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+  deltatune export --format gguf [--model SPEC] [--adapter DIR [--merge]] --out FILE.gguf [--outtype f16]
   deltatune info  DIR   (adapter or model directory)
+  deltatune compose --adapter DIR --adapter DIR [...] [--weights 0.7,0.3] [--method NAME] --out DIR
 """
 
 from __future__ import annotations
@@ -63,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=flag(float, gt=0, le=1), default=1.0)
     g.add_argument("--top-k", type=flag(int, ge=0), default=0, help="0 = no top-k filter")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dtype", default="auto", help="auto/bf16/fp32")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop string: the reply ends before it (repeatable)")
 
     m = sub.add_parser("merge", help="merge an adapter into its base and write a plain HF model directory")
     m.add_argument("--model", default="default")
@@ -93,13 +99,42 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default="default")
     e.add_argument("--adapter")
     e.add_argument("--format", default="auto")
-    e.add_argument("--max-length", type=flag(int, ge=8), default=1024, help="tokens per example")
-    e.add_argument("--max-new-tokens", type=flag(int, ge=1), default=128)
-    e.add_argument("--batch-size", type=flag(int, ge=1), default=16)
+    # Defaults: EvalConfig's and DataConfig's (what `deltatune train` evaluates with), shown in --help.
+    e.add_argument("--max-length", type=flag(int, ge=8), default=None, help="tokens per example (default: data.max_length)")
+    e.add_argument("--max-new-tokens", type=flag(int, ge=1), default=None, help="default: eval.max_new_tokens")
+    e.add_argument("--batch-size", type=flag(int, ge=1), default=None, help="default: eval.batch_size")
     e.add_argument("--no-generate", action="store_true", help="loss/perplexity only")
+
+    s = sub.add_parser("serve", help="serve a base model and LoRA adapters behind an OpenAI-compatible HTTP API")
+    s.add_argument("--model", default="default", help="'default', an HF model directory or a .gguf file")
+    s.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="serve the adapter in DIR as model NAME (repeatable)")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $DELTATUNE_API_KEY)")
+    s.add_argument("--max-batch-size", type=int, default=8, help="rows decoded together")
+    s.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429")
+    s.add_argument("--adapter-root", default=None,
+                   help="enable POST /v1/load_lora_adapter for adapters under this directory")
+    s.add_argument("--max-tokens", type=int, default=1024, help="cap on (and default for) a request's max_tokens")
+    s.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    s.add_argument("--dtype", default="auto")
+
+    x = sub.add_parser("export", help="export a model or an adapter for another runtime (GGUF: llama.cpp)")
+    x.add_argument("--format", required=True, choices=["gguf"])
+    x.add_argument("--model", default="default", help="the base: 'default', an HF model directory or a .gguf file")
+    x.add_argument("--adapter", help="a LoRA adapter directory: written as a GGUF adapter file (or merged with --merge)")
+    x.add_argument("--merge", action="store_true", help="merge --adapter into the base and write the whole model")
+    x.add_argument("--out", required=True, help="the .gguf file to write")
+    x.add_argument("--outtype", default=None, choices=["f32", "f16", "q8_0"],
+                   help="tensor type (model default f16; adapters f32 or f16, default f32)")
 
     i = sub.add_parser("info", help="what an adapter or model directory holds (bytes by storage type)")
     i.add_argument("path")
+
+    from .compose.cli import add_parser as add_compose_parser
+
+    add_compose_parser(sub)
     return p
 
 
@@ -148,31 +183,33 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
+    from .generate import (
+        Row,
+        SamplingParams,
+        TextTracker,
+        encode_prompt,
+        generate_ids,
+        pad_token_id,
+        stop_token_ids,
+    )
 
-    model, tok = _load(args.model, args.adapter)
+    model, tok = _load(args.model, args.adapter, args.dtype)
     if args.adapter:
         from . import merge
 
         merge(model)  # merged decoding costs what the base costs
     if args.messages:
-        messages = _read_messages(Path(args.messages))
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = encode_prompt(tok, _read_messages(Path(args.messages)))
     elif args.raw:
-        text = args.prompt
+        ids = list(tok(args.prompt, add_special_tokens=False)["input_ids"])
     else:
-        text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
-                                       add_generation_prompt=True)
-    ids = tok(text, return_tensors="pt", add_special_tokens=False).to(next(model.parameters()).device)
-    torch.manual_seed(args.seed)
-    sample = args.temperature > 0
-    kw: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "do_sample": sample,
-                          "pad_token_id": tok.pad_token_id}
-    if sample:
-        kw.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or None)
-    with torch.inference_mode():
-        out = model.generate(**ids, **kw)
-    print(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+        ids = encode_prompt(tok, [{"role": "user", "content": args.prompt}])
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
+    row = Row(ids, params, text=TextTracker(tok, params.stop))
+    generate_ids(model, [row], stop_ids=stop_token_ids(tok, model), pad_id=pad_token_id(tok))
+    assert row.text is not None
+    print(row.text.text.strip())
     return 0
 
 
@@ -232,9 +269,10 @@ def _merge_into_4bit(args: argparse.Namespace) -> int:
     import warnings
 
     from . import load_adapter
+    from .data import reference_batches
     from .models import resolve_dtype
     from .quant.linear4bit import Linear4bit, quantize_model
-    from .quant.merge import format_merge_report, merge_into_4bit_checkpoint, reference_batches
+    from .quant.merge import format_merge_report, merge_into_4bit_checkpoint
 
     model, tok = _load(args.model, None, args.dtype)
     base16 = None
@@ -270,12 +308,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .data import load_examples, prompt_and_reference, tokenize_examples
+    from .generate import generate_texts
     from .objectives.causal_lm import eval_loss
     from .tasks import score_exact_match
-    from .train.data import load_examples, prompt_and_reference, tokenize_examples
-    from .train.evaluate import generate_texts
+    from .train.config import DataConfig, EvalConfig
     from .train.runtime import Runtime
 
+    ecfg, dcfg = EvalConfig(), DataConfig()
+    batch_size = args.batch_size or ecfg.batch_size
     model, tok = _load(args.model, args.adapter)
     if args.adapter:
         from . import merge
@@ -283,25 +324,74 @@ def cmd_eval(args: argparse.Namespace) -> int:
         merge(model)
     loaded = load_examples(args.data, args.format)
     dropped: list[str] = []
-    rows, _, n_dropped = tokenize_examples(loaded.examples, tok, args.max_length, True, dropped)
+    max_length = args.max_length or dcfg.max_length
+    rows, _, n_dropped = tokenize_examples(loaded.examples, tok, max_length, dcfg.completion_only_loss, dropped)
     if not rows:  # a loss over 0 tokens is no score (it printed loss 0.0, perplexity 1.0)
-        raise ValueError(f"{args.data}: no example has a loss token within --max-length {args.max_length} "
+        raise ValueError(f"{args.data}: no example has a loss token within --max-length {max_length} "
                          f"({n_dropped} of {len(loaded.examples)} dropped, e.g. {', '.join(dropped[:3])}): "
                          "raise --max-length")
     if n_dropped:
         logging.getLogger("deltatune").warning("%d example(s) dropped (no loss token within --max-length %d), "
-                                               "e.g. %s", n_dropped, args.max_length, ", ".join(dropped[:3]))
+                                               "e.g. %s", n_dropped, max_length, ", ".join(dropped[:3]))
     rt = Runtime(next(model.parameters()).device, bf16=False)
     res: dict[str, Any] = {"examples": len(loaded.examples)}
-    res.update(eval_loss(model, rows, int(tok.pad_token_id), args.batch_size, rt))
+    res.update(eval_loss(model, rows, int(tok.pad_token_id), batch_size, rt))
     pairs = [p for p in map(prompt_and_reference, loaded.examples) if p is not None]
     if pairs and not args.no_generate:
-        preds = generate_texts(model, tok, [p for p, _ in pairs], max_new_tokens=args.max_new_tokens,
-                               batch_size=args.batch_size)
+        preds = generate_texts(model, tok, [p for p, _ in pairs], max_new_tokens=args.max_new_tokens or ecfg.max_new_tokens,
+                               batch_size=batch_size)
         res["exact_match"] = score_exact_match(preds, [r for _, r in pairs])
     from .fsutil import dumps_json
 
     print(dumps_json(res, indent=2))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from .models import load_model
+    from .serve import base_model_name, build_server, parse_adapter_args
+
+    adapters = parse_adapter_args(args.adapter)
+    model, tok = load_model(args.model, dtype=args.dtype)
+    server = build_server(model, tok, base_name=base_model_name(args.model, model), adapters=adapters,
+                          host=args.host, port=args.port, api_key=args.api_key or os.environ.get("DELTATUNE_API_KEY"),
+                          max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                          adapter_root=args.adapter_root, max_tokens=args.max_tokens,
+                          max_body_bytes=args.max_body_bytes)
+    names = ", ".join([server.engine.base_name, *adapters])
+    print(f"serving {names} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)", flush=True)
+    server.run()
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export.gguf import export_adapter_gguf, export_model_gguf
+
+    out = Path(args.out)
+    if args.adapter and not args.merge:
+        from transformers import AutoConfig
+
+        from .models import load_model
+
+        if (Path(args.model) / "config.json").is_file():
+            config = AutoConfig.from_pretrained(args.model)
+        else:  # 'default' or a .gguf file: the config comes with the model
+            config = load_model(args.model, dtype="fp32")[0].config
+        export_adapter_gguf(args.adapter, config, out, args.outtype or "f32")
+        print(f"GGUF LoRA adapter written to {out} (llama.cpp: llama-cli -m BASE.gguf --lora {out})")
+        return 0
+    from . import load_adapter, unload
+    from .models import load_model
+
+    model, tok = load_model(args.model, dtype="fp32")  # merge in fp32; the file's type is --outtype
+    plain: Any = model
+    if args.adapter:
+        load_adapter(model, args.adapter)
+        plain = unload(model)
+    export_model_gguf(plain, tok, out, args.outtype or "f16")
+    print(f"GGUF model written to {out} ({args.outtype or 'f16'}; llama.cpp and transformers' gguf_file= read it)")
     return 0
 
 
@@ -313,40 +403,34 @@ def cmd_info(args: argparse.Namespace) -> int:
 
         print("\n".join(describe_checkpoint(args.path)))
         return 0
+    from .registry import kind_for_peft_type
+
     f = read_adapter_info(args.path)
     cfg = f.config
-    modules: dict[str, dict[str, Any]] = {}
-    total = 0
-    for key, t in f.tensors.items():
-        total += t.numel()
-        body = key.removeprefix("base_model.model.")
-        for tag in (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B"):
-            if body.endswith(tag):
-                info = modules.setdefault(body[: -len(tag)], {"params": 0})
-                info["params"] += t.numel()
-                if "A" in tag:
-                    info["rank"] = t.shape[0]
+    kind = kind_for_peft_type(str(cfg.get("peft_type", "LORA")), f.directory)
+    head, *modules = kind.describe(f)
+    total = sum(t.numel() for t in f.tensors.values())
     print(f"adapter: {f.directory}")
-    print(f"method: {cfg.get('peft_type', '?')}  r={cfg.get('r')}  alpha={cfg.get('lora_alpha')}  "
-          f"rslora={cfg.get('use_rslora', False)}  dropout={cfg.get('lora_dropout', 0)}  bias={cfg.get('bias')}")
+    print(head)
     print(f"base: {cfg.get('base_model_name_or_path')}")
     if f.fingerprint:
+        checked = f.fingerprint.get("modules") or f.fingerprint.get("blocks") or {}
         print(f"base fingerprint: {f.fingerprint.get('architecture')} ({f.fingerprint.get('model_type')}), "
-              f"{len(f.fingerprint.get('modules', {}))} adapted modules with shapes and checksums")
+              f"{len(checked)} base modules with shapes/checksums")
     print(f"tensors: {len(f.tensors)}, parameters: {total:,d}, modules_to_save: {cfg.get('modules_to_save')}")
-    ranks: dict[int, int] = {}
-    for info in modules.values():
-        ranks[info.get("rank", 0)] = ranks.get(info.get("rank", 0), 0) + 1
-    print(f"adapted modules: {len(modules)}; ranks: {dict(sorted(ranks.items()))}")
-    for name, info in list(modules.items())[:8]:
-        print(f"  {name}: r={info.get('rank')} params={info['params']:,d}")
-    if len(modules) > 8:
-        print(f"  … {len(modules) - 8} more")
+    print("\n".join(modules))
     return 0
 
 
+def cmd_compose(args: argparse.Namespace) -> int:
+    from .compose.cli import cmd_compose as run
+
+    return run(args)
+
+
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "merge": cmd_merge, "eval": cmd_eval, "info": cmd_info,
-            "quantize": cmd_quantize}
+            "quantize": cmd_quantize, "compose": cmd_compose, "serve": cmd_serve,
+            "export": cmd_export}
 
 
 # Import-time messages of libraries that transformers pulls in when they happen to be installed, which

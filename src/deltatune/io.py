@@ -103,6 +103,16 @@ def fingerprint(model: nn.Module, paths: list[str]) -> dict[str, Any]:
     }
 
 
+def base_name_or_path(model: nn.Module) -> str | None:
+    """What adapter files record as ``base_model_name_or_path``: the name ``load_model`` gave the
+    base (the Hub id of the default model, else the resolved spec path), else the config's
+    ``_name_or_path``; None only for a model built from a bare config."""
+    named = getattr(model, "deltatune_base_name", None)
+    if isinstance(named, str) and named:
+        return named
+    return getattr(getattr(model, "config", None), "_name_or_path", None) or None
+
+
 def _task_type(model: nn.Module) -> str | None:
     return "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None
 
@@ -113,7 +123,7 @@ def _peft_config(model: nn.Module, cfg: LoraConfig, ranks: dict[str, int], alpha
     differ from the defaults go into rank_pattern/alpha_pattern with escaped paths as patterns."""
     import re
 
-    name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    name_or_path = base_name_or_path(model)
     kinds = [layer.kind for p, layer in lora_layers(model) if p in ranks]
     return {
         "peft_type": "LORA",
@@ -180,42 +190,42 @@ def save_adapter(model: nn.Module, path: str | Path, name: str | None = None) ->
     name = name or (state.active[0] if state.active else next(iter(state.configs)))
     if name not in state.configs:
         raise ValueError(f"no adapter named {name!r}; this model has {sorted(state.configs)}")
-    out = Path(path)
     from .fsutil import atomic_dir, merge_into_dir
+    from .registry import kind_of
 
+    kind, out = kind_of(state.configs[name]), Path(path)
     if out.is_dir() and any(out.iterdir()):
         # A directory that already holds files (an earlier save, a README): build the adapter in a
         # temporary sibling, then move each file in with an atomic rename; other files stay.
-        with atomic_dir(out.parent / f".{out.name}.new", replaceable=lambda _: True,
-                        what="adapter directory") as tmp:
-            _save_adapter_files(model, tmp, name)
-        merge_into_dir(out.parent / f".{out.name}.new", out)
+        staging = out.parent / f".{out.name}.new"
+        with atomic_dir(staging, replaceable=lambda _: True, what="adapter directory") as tmp:
+            kind.save(model, tmp, name)
+        merge_into_dir(staging, out)
         return out
     with atomic_dir(out, what="adapter directory") as tmp:
-        _save_adapter_files(model, tmp, name)
+        kind.save(model, tmp, name)
     return out
 
 
-def _save_adapter_files(model: nn.Module, out: Path, name: str) -> None:
-    from safetensors.torch import save
-
-    state = get_state(model)
-    cfg = state.configs[name]
-    other = _method_files(getattr(cfg, "PEFT_TYPE", "LORA"))
-    if other is not None:
-        other.save_peft(model, out, name)
-        return
+def save_lora(model: nn.Module, path: Path, name: str) -> Path:
+    """:func:`save_adapter` for a LoRA (DoRA, PiSSA …) adapter: PEFT's LORA layout, into ``path``."""
+    cfg = get_state(model).configs[name]
     ranks = {p: layer.adapters[name].r for p, layer in lora_layers(model) if name in layer.adapters}
     alphas = {p: layer.adapters[name].alpha for p, layer in lora_layers(model) if name in layer.adapters}
+    from safetensors.torch import save
+
     cfg, ranks, alphas = lora_init.saved_config(cfg, ranks, alphas)
     tensors = adapter_tensors(model, name)
     # Tied/shared storage would make safetensors refuse to save; clone to own storage.
     tensors = {k: v.clone() for k, v in tensors.items()}
     meta = {"format": "pt", "deltatune_fingerprint": json.dumps(fingerprint(model, sorted(ranks))),
             "deltatune_init": cfg.init}
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / WEIGHTS_NAME, save(tensors, metadata=meta))
     config_json = json.dumps(_peft_config(model, cfg, ranks, alphas), indent=2, sort_keys=True)
     atomic_write_bytes(out / CONFIG_NAME, (config_json + "\n").encode())
+    return out
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -277,20 +287,6 @@ def read_adapter_info(path: str | Path) -> AdapterFile:
     return _read_dir(path)
 
 
-# Methods other than LoRA translate their own files: peft_type → the module that defines
-# ``save_peft(model, path, name)`` and ``load_peft(model, adapter_file, name, *, trainable, activate)``.
-_METHOD_FILES = {"VERA": "deltatune.methods.vera", "ADALORA": "deltatune.methods.adalora",
-                 "PROMPT_TUNING": "deltatune.methods.prompts", "PREFIX_TUNING": "deltatune.methods.prompts",
-                 "DELTATUNE_BOTTLENECK": "deltatune.methods.bottleneck"}
-
-
-def _method_files(peft_type: str) -> Any:
-    import importlib
-
-    module = _METHOD_FILES.get(peft_type)
-    return importlib.import_module(module) if module else None
-
-
 def _split_key(key: str) -> tuple[str, str]:
     """'base_model.model.x.y.lora_A.weight' → ('x.y', 'lora_A')."""
     body = key[len(PREFIX):] if key.startswith(PREFIX) else key
@@ -330,8 +326,6 @@ def load_adapter(model: nn.Module, path: str | Path, name: str | None = None, *,
     Everything is validated — file integrity, every module path, every shape — before the model is
     changed; on any error the model is exactly as it was.
     """
-    from .inject import pattern_or
-
     f = _read_dir(path)
     try:  # NaN weights would merge into a NaN model; an int32 factor would be cast without a word
         check_tensors(f.tensors, str(f.directory / WEIGHTS_NAME))
@@ -342,10 +336,18 @@ def load_adapter(model: nn.Module, path: str | Path, name: str | None = None, *,
     name = name or "default"
     if name in existing:
         raise ValueError(f"adapter {name!r} already exists on this model; pass another name=")
-    other = _method_files(str(f.config.get("peft_type", "LORA")))
-    if other is not None:
-        return other.load_peft(model, f, name, trainable=trainable, activate=activate)  # type: ignore[no-any-return]
+    from .registry import kind_for_peft_type
 
+    kind = kind_for_peft_type(str(f.config.get("peft_type", "LORA")), f.directory / CONFIG_NAME)
+    return kind.load(model, f, name, trainable=trainable, activate=activate)
+
+
+def load_lora(model: nn.Module, f: AdapterFile, name: str, *, trainable: bool = False,
+              activate: bool = True) -> nn.Module:
+    """:func:`load_adapter` for a PEFT LORA file (validated completely before the model changes)."""
+    from .inject import pattern_or
+
+    state = getattr(model, "deltatune_state", None)
     factors: dict[str, dict[str, torch.Tensor]] = {}
     extra: dict[str, torch.Tensor] = {}  # biases, modules_to_save, saved base embeddings
     magnitudes: dict[str, torch.Tensor] = {}  # DoRA: module path → m (d,)

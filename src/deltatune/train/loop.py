@@ -32,12 +32,12 @@ from torch import nn
 from tqdm import tqdm
 
 from ..config import to_dict
+from ..data import epoch_batches
 from ..fsutil import dumps_json
 from ..io import atomic_write_bytes
-from ..registry import get_method, get_objective
+from ..registry import apply_method, get_objective
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import epoch_batches
 from .guard import DivergenceGuard
 from .hooks import RunInfo, after_step, check_hooks, extra_loss, regularisers
 from .inference import merged_for_inference
@@ -97,7 +97,7 @@ def _record_failure(out_dir: Path, existed: bool, error: BaseException) -> None:
 def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: Any, progress: bool,
          stop_after_steps: int | None) -> RunResult:
     t_start = time.perf_counter()
-    method, obj = get_method(cfg.method), get_objective(cfg.objective)(cfg)
+    obj = get_objective(cfg.objective)(cfg)
     torch.manual_seed(cfg.train.seed)
     passed_in = model is not None and tokenizer is not None
     rt = Runtime.create(cfg.train.bf16, next(model.parameters()).device if model is not None and passed_in
@@ -116,7 +116,7 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
     per_epoch = max(1, math.ceil(len(splits.train) / cfg.train.batch_size) // cfg.train.grad_accum)
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else per_epoch * cfg.train.epochs
     info = RunInfo(total_steps=total_steps, steps_per_epoch=per_epoch, world=rt.world, processor=processor)
-    hooks = check_hooks(method.apply(model, cfg, info) + regularisers(cfg, obj, model, splits))
+    hooks = check_hooks(apply_method(model, cfg, info) + regularisers(cfg, obj, model, splits))
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"method {cfg.method!r} left no trainable parameter")
