@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
-from ..data import PreparedData, Tokenized, collate, prepare_data
+from ..data import PreparedData, Tokenized, collate, data_report, prepare_data
 from ..losses import IGNORE_INDEX, causal_loss_sum, causal_loss_tokens, token_loss_sum
 from .base import Batch, Objective, Splits, Stage
 
@@ -112,13 +112,16 @@ class CausalLM(Objective):
 
             model, processor = load_model(cfg.model.spec, dtype=cfg.model.dtype, device=rt.device)
         data = prepare_data(cfg.data, processor)
-        log.info("data: %d train rows, %d eval rows (format %s, %d skipped, %d truncated)", len(data.train),
-                 len(data.eval), data.format, data.skipped, data.truncated)
+        line, problems = data_report(data)  # nothing vanishes silently: dropped/truncated rows named
+        log.info("%s", line)
+        for problem in problems:
+            log.warning("%s", problem)
         self.tokenizer = processor
         self.pad = int(processor.pad_token_id)
         info = {"format": data.format, "train_rows": len(data.train), "eval_rows": len(data.eval),
                 "skipped_records": data.skipped, "skipped_messages": data.skipped_messages,
-                "truncated": data.truncated}
+                "truncated": data.truncated, "dropped_records": data.dropped,
+                "dropped_sources": data.dropped_sources}
         return model, processor, Splits(train=data.train, eval=data.eval, info=info, extra=data)
 
     def collate(self, rows: Sequence[Any]) -> Batch:
