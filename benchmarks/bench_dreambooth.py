@@ -153,7 +153,9 @@ def train_one(pipe: Path, inst: Path, cls: Path, out: Path, method: str, lam: fl
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pipeline", default=str(default_pipeline_dir()))
+    committed = ROOT / "assets" / "mini-sd-fashion"
+    p.add_argument("--pipeline", default=str(committed if committed.exists() else default_pipeline_dir()),
+                   help="the miniature pipeline (default: the committed assets/mini-sd-fashion; built when missing)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dreambooth"))
     p.add_argument("--work", default="/tmp/deltatune-bench-dreambooth")
     p.add_argument("--steps", type=int, default=200)

@@ -180,7 +180,7 @@ def save_pipeline(components: dict[str, Any], out: str | Path) -> Path:
 
 # ------------------------------------------------------------------------------------------- data
 def default_pipeline_dir() -> Path:
-    from ..models import cache_root
+    from ..paths import cache_root
 
     return cache_root() / "models" / "mini-sd-fashion"
 
@@ -191,7 +191,7 @@ def fashion_mnist_dir() -> Path:
     installed = Path("/") / _FASHION_SUBDIR
     if (installed / "train-images-idx3-ubyte.gz").exists():
         return installed
-    from ..models import cache_root
+    from ..paths import cache_root
 
     root = cache_root() / "data" / "fashion-mnist"
     found = root / _FASHION_SUBDIR

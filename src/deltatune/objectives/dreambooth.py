@@ -131,7 +131,7 @@ class DreamBooth(Objective):
 
     @staticmethod
     def _default_class_dir(model: Any, c: DreamBoothConfig) -> Path:
-        from ..models import cache_root
+        from ..paths import cache_root
 
         key = hashlib.sha256(f"{model.base_fingerprint}|{c.class_prompt}".encode()).hexdigest()[:12]
         return cache_root() / "class-images" / key
