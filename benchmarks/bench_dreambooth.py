@@ -204,7 +204,7 @@ def main() -> int:
             if method == "lora":
                 load_diffusers_lora(model, run_dir)
             else:
-                model = load_pipeline(run_dir / "pipeline")
+                model = load_pipeline(run_dir / "model")
             gi, gc = sample(model, INSTANCE_PROMPT, args.samples), sample(model, CLASS_PROMPT, args.samples)
             gn = sample(model, NEW_CONTEXT, 8)
             m = metrics(net, gi, gc, subject, base_cls)

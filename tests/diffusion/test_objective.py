@@ -66,7 +66,7 @@ def test_dreambooth_full_and_text_encoder(tiny_pipeline_dir: Path, tmp_path: Pat
                       "--lr", "1e-3", "--max-steps", "2")) == 0
     from deltatune.diffusion import load_pipeline
 
-    trained, base = load_pipeline(out / "pipeline"), load_pipeline(tiny_pipeline_dir)
+    trained, base = load_pipeline(out / "model"), load_pipeline(tiny_pipeline_dir)
     changed = lambda m1, m2: any(not torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))  # noqa: E731
     assert changed(trained.unet, base.unet)
     assert not changed(trained.text_encoder, base.text_encoder)

@@ -100,7 +100,7 @@ def cmd_dreambooth(args: argparse.Namespace) -> int:
         print(f"LoRA file: {result.output_dir / 'pytorch_lora_weights.safetensors'} "
               "(StableDiffusionPipeline.from_pretrained(base).load_lora_weights(dir))")
     else:
-        print(f"pipeline: {result.output_dir / 'pipeline'}")
+        print(f"pipeline: {result.output_dir / 'model'}")
     print(f"trainable params: {s['trainable_params']:,d} of {s['all_params']:,d}; train {s['train_seconds']:.0f} s; "
           f"peak memory {s['peak_memory_mb']:.0f} MiB")
     return 0

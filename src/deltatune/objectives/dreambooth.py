@@ -10,17 +10,18 @@ reference scripts' mean(instance) + λ·mean(prior). Evaluation: a fixed-noise d
 instance and the class images (cheap, also ``during``), and validation images + a grid PNG
 (instance prompt, a new-context prompt, the class prompt) before and after. Saved as
 ``pytorch_lora_weights.safetensors`` in diffusers' layout (LoRA) or a full pipeline directory
-``pipeline/`` (full fine-tuning).
+``model/`` (full fine-tuning), plus the adapter in deltatune's own layout under ``adapter/``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -28,6 +29,7 @@ from torch import nn
 from .base import Batch, Objective, Splits, Stage
 
 if TYPE_CHECKING:
+    from ..testing import TinyCase
     from ..train.runtime import Runtime
 
 log = logging.getLogger("deltatune.train")
@@ -220,6 +222,47 @@ class DreamBooth(Objective):
                 "base_model": str(self.cfg.model.spec), "base_fingerprint": self.core.base_fingerprint,
                 "method": self.cfg.method}
         if self.cfg.method == "lora":
-            save_diffusers_lora(model, out_dir, info=info)
+            from ..io import save_adapter
+
+            save_diffusers_lora(model, out_dir, info=info)  # diffusers' load_lora_weights(out_dir)
+            save_adapter(model, out_dir / "adapter")  # deltatune.load_adapter(DiffusionModel, …/adapter)
             return
-        self.core.save_pretrained(out_dir / "pipeline")
+        self.core.save_pretrained(out_dir / "model")  # a complete pipeline directory
+
+    @classmethod
+    def tiny_case(cls) -> TinyCase:
+        """A random tiny SD pipeline (deltatune.diffusion.miniature.TINY_SPEC), 2 instance images,
+        2 class images; DreamBooth trains with 'lora' or 'full' only (``notes['methods']``)."""
+        import tempfile
+
+        from ..diffusion import DiffusionModel, load_pipeline, lora_target_regex
+        from ..diffusion.data import save_png
+        from ..diffusion.miniature import TINY_SPEC, build_components
+        from ..testing import TinyCase
+
+        root = Path(tempfile.mkdtemp(prefix="deltatune-dreambooth-case-"))
+        g = torch.Generator().manual_seed(0)
+        for i in range(2):
+            save_png(root / "inst" / f"{i}.png", torch.rand(3, 8, 8, generator=g))
+
+        def make() -> nn.Module:
+            torch.manual_seed(0)
+            fresh = build_components(TINY_SPEC, root / "tok", seed=0)
+            return DiffusionModel(fresh["unet"], fresh["text_encoder"], fresh["vae"], fresh["tokenizer"],
+                                  fresh["scheduler"], train_text_encoder=False)
+
+        noisy = torch.randn(2, 4, 4, 4, generator=g)
+        ids = cast(Any, make()).tokenize(["a photo of a sks bag", "a photo of a bag"])
+
+        def outputs(model: nn.Module) -> torch.Tensor:
+            with torch.no_grad():
+                return cast(torch.Tensor, model(noisy, torch.tensor([10, 500]), input_ids=ids))
+
+        regex = lora_target_regex(text_encoder_modules=None)
+        sets = [f"dreambooth.instance_dir={root / 'inst'}", "dreambooth.instance_prompt=a photo of a sks bag",
+                "dreambooth.class_prompt=a photo of a bag", "dreambooth.with_prior_preservation=true",
+                f"dreambooth.class_dir={root / 'cls'}", "dreambooth.num_class_images=2", "dreambooth.sample_steps=2",
+                "dreambooth.num_validation_images=0", "dreambooth.eval_images=2", "eval.exact_match=false",
+                "lora.target_modules=" + json.dumps(regex)]
+        return TinyCase(make, cast(Any, make()).tokenizer, sets, outputs,
+                        lambda d: load_pipeline(d, train_text_encoder=False), notes={"methods": ["lora", "full"]})
