@@ -27,14 +27,17 @@ __all__ = ["main", "build_parser"]
 
 def _train_help() -> str:
     from .config import help_text
-    from .registry import METHODS
+    from .registry import METHODS, OBJECTIVES
     from .train.config import TrainConfig
 
-    methods = "\n".join(f"  {m.name:<8} {m.summary}" for m in METHODS.values())
+    width = max(len(n) for n in [*METHODS, *OBJECTIVES])
+    methods = "\n".join(f"  {m.name:<{width}} {m.summary}" for m in METHODS.values())
+    objectives = "\n".join(f"  {name:<{width}} {o.summary}" for name, o in OBJECTIVES.items())
     return (
         "Fine-tune a model. With no CONFIG it runs the built-in demo: SmolLM2-135M-Instruct learns to\n"
         "extract fields from sentences as JSON (exact match before/after is printed and saved).\n\n"
-        f"Methods (--set method=NAME):\n{methods}\n\nConfiguration keys (YAML sections or --set section.key=value):\n"
+        f"Methods (--set method=NAME):\n{methods}\n\nObjectives (--set objective=NAME):\n{objectives}\n\n"
+        "Configuration keys (YAML sections or --set section.key=value):\n"
         + help_text(TrainConfig)
     )
 

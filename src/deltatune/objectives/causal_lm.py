@@ -1,7 +1,7 @@
 """``objective: causal_lm`` — supervised fine-tuning of a causal LM (the built-in demo's objective).
 
 Data: ``data:`` files or the built-in JSON-extraction task, tokenised with the chat template and
-prompts masked (``deltatune.train.data``). Loss unit: a label token (labels ≠ −100 after the causal
+prompts masked (``deltatune.data``). Loss unit: a label token (labels ≠ −100 after the causal
 shift). Evaluation: token-weighted held-out loss and perplexity, plus exact match of greedy replies
 against the references (``eval:``). Saved as a PEFT-layout adapter (adapter methods) or an HF model
 directory (full / head / partial), as the method's registry row says.

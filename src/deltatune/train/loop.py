@@ -185,7 +185,7 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
                 if cfg.train.eval_every and prog.step % cfg.train.eval_every == 0 and splits.eval:
                     ev = obj.evaluate(model, splits, rt, stage="during")
                     rec.update({k: round(v, 6) if isinstance(v, float) else v for k, v in ev.items()})
-                _log_step(metrics, rec, bar, cfg.train.log_every if not bar.disable else 0, total_steps)
+                _log_step(metrics, rec, bar, cfg.train.log_every if bar.disable and rt.is_main else 0, total_steps)
                 if cfg.train.save_every and prog.step % cfg.train.save_every == 0:
                     guard.check_params(model, prog.step)  # checkpoints are finite: the last one is the last good state
                     save_checkpoint(out_dir, prog.step, model, optimizer, scheduler, asdict(prog), hooks)
