@@ -9,6 +9,7 @@
   deltatune export --format gguf [--model SPEC] [--adapter DIR [--merge]] --out FILE.gguf [--outtype f16]
   deltatune info  DIR   (adapter or model directory)
   deltatune compose --adapter DIR --adapter DIR [...] [--weights 0.7,0.3] [--method NAME] --out DIR
+  deltatune dreambooth --model PIPELINE_DIR --instance-dir DIR --instance-prompt "a sks dog" [...] --out DIR
 """
 
 from __future__ import annotations
@@ -136,8 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path")
 
     from .compose.cli import add_parser as add_compose_parser
+    from .diffusion.command import add_parser as add_dreambooth_parser
 
     add_compose_parser(sub)
+    add_dreambooth_parser(sub)
     return p
 
 
@@ -435,9 +438,15 @@ def cmd_compose(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_dreambooth(args: argparse.Namespace) -> int:
+    from .diffusion.command import cmd_dreambooth as run
+
+    return run(args)
+
+
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "merge": cmd_merge, "eval": cmd_eval, "info": cmd_info,
             "quantize": cmd_quantize, "compose": cmd_compose, "serve": cmd_serve,
-            "export": cmd_export}
+            "export": cmd_export, "dreambooth": cmd_dreambooth}
 
 
 # Import-time messages of libraries that transformers pulls in when they happen to be installed, which

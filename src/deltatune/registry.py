@@ -48,6 +48,7 @@ from .methods.strategies import PartialConfig
 from .methods.vera import VeraConfig
 from .objectives.base import Objective
 from .objectives.causal_lm import CausalLM
+from .objectives.dreambooth import DreamBooth
 from .train.hooks import Hook, RunInfo
 
 if TYPE_CHECKING:
@@ -288,6 +289,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
 
 OBJECTIVES: dict[str, type[Objective]] = {
     "causal_lm": CausalLM,
+    "dreambooth": DreamBooth,
 }
 
 QUANT_TYPES = ("none", "nf4", "fp4")
