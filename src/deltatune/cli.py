@@ -374,8 +374,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .export.gguf import export_adapter_gguf, export_model_gguf
+    from .fsutil import refuse_input
 
     out = Path(args.out)
+    refuse_input(out, [("base model", None if args.model == "default" else args.model), ("adapter", args.adapter)])
+    if out.is_dir():
+        raise ValueError(f"--out {out}: is a directory; --format gguf writes one .gguf file")
     if args.adapter and not args.merge:
         from transformers import AutoConfig
 

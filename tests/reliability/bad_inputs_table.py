@@ -451,6 +451,14 @@ def _flag_cases() -> list[Case]:
         ("quantize-out-is-model", ["quantize", "{model}", "--out", "{model}"], ["--out", "model", "input"]),
         ("quantize-out-is-file", ["quantize", "{model}", "--out", "{tmp}/f.txt"], ["f.txt", "is a file"]),
         ("quantize-out-foreign", ["quantize", "{model}", "--out", "{tmp}/notes"], ["notes", "holds other files"]),
+        ("export-out-is-model", ["export", "--format", "gguf", "--model", "{model}", "--out", "{model}"],
+         ["--out", "base model", "input"]),
+        ("export-out-in-model", ["export", "--format", "gguf", "--model", "{model}", "--out", "{model}/m.gguf"],
+         ["--out", "base model", "input"]),
+        ("export-out-is-adapter", ["export", "--format", "gguf", "--model", "{model}", "--adapter", "{adapter}",
+                                   "--out", "{adapter}/a.gguf"], ["--out", "adapter", "input"]),
+        ("export-out-is-dir", ["export", "--format", "gguf", "--model", "{model}", "--out", "{tmp}/notes"],
+         ["notes", "is a directory"]),
     ]
     for n, a, e in outs:
         out.append(Case(f"merge-{n}", a, e, files={"f.txt": "keep", "notes/todo.txt": "keep me",

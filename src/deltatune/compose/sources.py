@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -262,22 +259,10 @@ def save_composed(composed: Composed, out: str | Path, *, inputs: list[str | Pat
                                                  "energy": composed.energy})}
     if composed.fingerprint:
         meta["deltatune_fingerprint"] = json.dumps(composed.fingerprint)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    from ..fsutil import atomic_dir
+
+    # temp dir + fsync + rename, modes per the umask (mkdtemp alone made the adapter dir 0700)
+    with atomic_dir(out, replaceable=lambda p: (p / "adapter_config.json").is_file(), what="adapter directory") as tmp:
         (tmp / "adapter_model.safetensors").write_bytes(save(tensors, metadata=meta))
         (tmp / "adapter_config.json").write_text(json.dumps(peft_config(composed), indent=2, sort_keys=True) + "\n")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
