@@ -18,6 +18,7 @@ from deltatune.methods.bottleneck import BottleneckConfig
 from deltatune.methods.lora_config import LoraConfig
 from deltatune.methods.prompts import PromptConfig
 from deltatune.methods.vera import VeraConfig
+from deltatune.train.distributed import RuntimeConfig
 
 __all__ = [
     "TRAIN_METHODS",
@@ -301,6 +302,9 @@ class _TrainConfig:
     data: DataConfig = field(default_factory=DataConfig, metadata=_doc("Training and evaluation data."))
     train: LoopConfig = field(default_factory=LoopConfig, metadata=_doc("Optimizer, schedule and loop."))
     eval: EvalConfig = field(default_factory=EvalConfig, metadata=_doc("Generation-based evaluation."))
+    runtime: RuntimeConfig = field(
+        default_factory=RuntimeConfig, metadata=_doc("Several processes (torchrun): DDP or FSDP2, timeouts.")
+    )
     output_dir: str = field(
         default=f"runs/{_TIMESTAMP}",
         metadata=_doc(

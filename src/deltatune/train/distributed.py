@@ -41,6 +41,7 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import torch
@@ -51,7 +52,8 @@ from .runtime import Runtime
 
 log = logging.getLogger("deltatune.train")
 
-__all__ = ["DistributedRuntime", "RuntimeConfig", "create_runtime", "launched_by_torchrun", "choose_strategy"]
+__all__ = ["DistributedRuntime", "RuntimeConfig", "choose_strategy", "create_runtime", "ensure_process_group",
+           "is_main_process", "launched_by_torchrun", "shared_output_dir"]
 
 T = TypeVar("T")
 Strategy = Literal["auto", "ddp", "fsdp2"]
@@ -104,6 +106,40 @@ def create_runtime(cfg: Any, device: str | torch.device = "auto") -> Runtime:
     return DistributedRuntime.create_distributed(cfg, device)
 
 
+def ensure_process_group(device: str | torch.device = "auto", timeout_s: int = 600) -> torch.device:
+    """Join the process group torchrun describes (once per process) and return this rank's device:
+    NCCL on CUDA (one GPU per local rank), gloo on CPU, chosen from ``device`` (model.device;
+    'auto' = CUDA when this machine has it)."""
+    from ..models import resolve_device
+
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if dev.index is None else dev.index)
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        kw: dict[str, Any] = {"device_id": dev} if dev.type == "cuda" else {}
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
+                                timeout=_dt.timedelta(seconds=timeout_s), **kw)
+    return dev
+
+
+def shared_output_dir(cfg: Any, device: str | torch.device) -> Path:
+    """The run directory, the same on every rank: rank 0's ``{timestamp}`` wins."""
+    out_dir = Path(cfg.output_dir) if cfg.resume else cfg.resolve_output_dir()
+    if not launched_by_torchrun():
+        return out_dir
+    rcfg = getattr(cfg, "runtime", None) or RuntimeConfig()
+    ensure_process_group(device, rcfg.timeout_s)
+    box = [str(out_dir)]
+    dist.broadcast_object_list(box, src=0)
+    return Path(box[0])
+
+
+def is_main_process() -> bool:
+    """Rank 0, or a run without torchrun (usable before the process group exists)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def choose_strategy(rcfg: RuntimeConfig, *, trains_base: bool, model: nn.Module, device: torch.device) -> str:
     """``runtime.strategy`` resolved for this run.
 
@@ -137,26 +173,20 @@ class DistributedRuntime(Runtime):
         self.rank = rank
         self.world = world
         self.local_rank = local_rank
-        self.strategy = rcfg.strategy  # resolved in wrap()
+        self.strategy: str = rcfg.strategy  # resolved in wrap()
+        self._names: dict[int, str] = {}
 
     @classmethod
     def create_distributed(cls, cfg: Any, device: str | torch.device) -> DistributedRuntime:
         """Join the process group torchrun describes: NCCL on CUDA (one GPU per local rank), gloo
         on CPU, chosen from ``model.device`` ('auto' = CUDA when this machine has it)."""
-        from ..models import resolve_device
         from ..registry import get_method
 
         rcfg: RuntimeConfig = getattr(cfg, "runtime", None) or RuntimeConfig()
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        dev = ensure_process_group(device, rcfg.timeout_s)
+        rank, world = dist.get_rank(), dist.get_world_size()
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        dev = resolve_device(device)
-        if dev.type == "cuda":
-            dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
-            torch.cuda.set_device(dev)
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-        if not dist.is_initialized():
-            kw: dict[str, Any] = {"device_id": dev} if dev.type == "cuda" else {}
-            dist.init_process_group(backend, timeout=_dt.timedelta(seconds=rcfg.timeout_s), **kw)
+        backend = dist.get_backend()
         _tag_log_records(rank)
         base = Runtime.create(cfg.train.bf16, dev)
         rt = cls(base.device, base.bf16, rcfg, rank, world, local_rank,
@@ -172,9 +202,11 @@ class DistributedRuntime(Runtime):
         is ``model``; under DDP it is the ``DistributedDataParallel`` wrapper, and ``model`` stays
         the plain module that objectives save and evaluate."""
         self.strategy = choose_strategy(self.rcfg, trains_base=self.trains_base, model=model, device=self.device)
+        self._names = {id(p): n for n, p in model.named_parameters()}  # for rebind()
         if self.rank == 0:
             log.info("distributed strategy: %s", self.strategy)
         if self.strategy == "fsdp2":
+            self.can_merge = False  # adapters merge into the base for evaluation only when it is whole
             return self._fully_shard(model)
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -244,27 +276,46 @@ class DistributedRuntime(Runtime):
             return _fsdp_sync(model, last)
         return contextlib.nullcontext()
 
-    @property
-    def can_merge(self) -> bool:
-        """Adapters merge into the base for evaluation only when the base is whole on this rank."""
-        return self.strategy != "fsdp2"
 
     @property
     def _comm_device(self) -> torch.device:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
     @contextlib.contextmanager
-    def gathered(self, model: nn.Module, *, write_back: bool = False) -> Iterator[None]:
-        """FSDP2 shards → whole parameters inside the block, on every rank, so code written for one
-        process (save_adapter, save_pretrained, checkpoints) sees an ordinary model. ``write_back``
-        copies what the block changed (a checkpoint loaded into the whole tensors) back into each
-        rank's shard. A collective: every rank must enter it. Without FSDP2, nothing changes."""
-        with gathered(model, write_back=write_back):
+    def gathered(self, model: nn.Module, *, write_back: bool = False, main_only: bool = False) -> Iterator[None]:
+        """FSDP2 shards → whole parameters inside the block, so code written for one process
+        (save_adapter, save_pretrained, checkpoints) sees an ordinary model. ``main_only``: only
+        rank 0 keeps the whole tensors (it alone writes; the others only take part in the
+        gathers). ``write_back``: what the block changed (a checkpoint loaded into the whole
+        tensors) goes back into each rank's shard. A collective: every rank must enter it.
+        Without FSDP2 nothing changes."""
+        with gathered(model, write_back=write_back, keep=not main_only or self.is_main):
             yield
 
-    def optimizer_view(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-        """``optimizer`` as checkpoints should see it: whole-tensor state under FSDP2."""
-        return _WholeStateOptimizer(optimizer) if self.strategy == "fsdp2" else optimizer
+    def optimizer_view(self, optimizer: torch.optim.Optimizer) -> Any:
+        """``optimizer`` as checkpoints see it: under FSDP2 its state as whole tensors, gathered
+        now (a collective: every rank calls this, rank 0 keeps the result), and a
+        ``load_state_dict`` that takes whole tensors and keeps this rank's shard."""
+        return _WholeStateOptimizer(optimizer, keep=self.is_main) if self.strategy == "fsdp2" else optimizer
+
+    def all_gather(self, obj: T) -> list[T]:
+        """Every rank's ``obj``, in rank order (per-rank peak memory for the summary)."""
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def rebind(self, model: nn.Module, params: list[nn.Parameter],
+               upcast: list[tuple[nn.Parameter, torch.dtype]]
+               ) -> tuple[list[nn.Parameter], list[tuple[nn.Parameter, torch.dtype]]]:
+        named = dict(model.named_parameters())
+        return ([named[self._names[id(p)]] for p in params],
+                [(named[self._names[id(p)]], dt) for p, dt in upcast])
+
+    def scalar(self, t: torch.Tensor | float) -> float:
+        """A float from a tensor that may be a DTensor (the gradient norm under FSDP2)."""
+        if _is_dtensor(t):
+            t = t.full_tensor()  # type: ignore[union-attr]
+        return float(t)
 
     def close(self) -> None:
         if dist.is_initialized():
@@ -287,9 +338,9 @@ def _is_dtensor(t: Any) -> bool:
 
 
 @contextlib.contextmanager
-def gathered(model: nn.Module, *, write_back: bool = False) -> Iterator[None]:
-    """See :meth:`DistributedRuntime.gathered`. Parameters shared by two modules (tied
-    embeddings) are gathered once and stay shared."""
+def gathered(model: nn.Module, *, write_back: bool = False, keep: bool = True) -> Iterator[None]:
+    """See :meth:`DistributedRuntime.gathered` (``keep`` = not main_only, or rank 0). Parameters
+    shared by two modules (tied embeddings) are gathered once and stay shared."""
     from torch.distributed.tensor import distribute_tensor
 
     swaps: list[tuple[nn.Module, str, nn.Parameter]] = []
@@ -299,19 +350,21 @@ def gathered(model: nn.Module, *, write_back: bool = False) -> Iterator[None]:
         for pname, p in list(module._parameters.items()):
             if p is None or not _is_dtensor(p):
                 continue
-            if id(p) not in whole:
-                # (rows, …) whole tensor; a collective, so every rank gathers every parameter in order
+            if id(p) not in originals:
+                # the whole (rows, …) tensor; a collective, so every rank gathers every parameter in order
                 full = p.detach().full_tensor()  # type: ignore[attr-defined]
-                whole[id(p)] = nn.Parameter(full, requires_grad=p.requires_grad)
                 originals[id(p)] = p
-            swaps.append((module, pname, p))
-            module._parameters[pname] = whole[id(p)]
+                if keep:
+                    whole[id(p)] = nn.Parameter(full, requires_grad=p.requires_grad)
+            if keep:
+                swaps.append((module, pname, p))
+                module._parameters[pname] = whole[id(p)]
     try:
         yield
     finally:
         for module, pname, p in swaps:
             module._parameters[pname] = p
-        if write_back:
+        if write_back and keep:
             with torch.no_grad():
                 for key, p in originals.items():
                     # src_data_rank=None: every rank holds the whole tensor; take the local shard
@@ -324,17 +377,22 @@ class _WholeStateOptimizer:
     """An optimizer's ``state_dict`` / ``load_state_dict`` with whole tensors in place of FSDP2
     shards: what checkpoints store, so the process count may change between save and resume."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, keep: bool) -> None:
         self._opt = optimizer
+        sd = optimizer.state_dict()
+        # every rank gathers every tensor in the same order; only `keep` holds on to them
+        state = {}
+        for idx, s in sd["state"].items():
+            state[idx] = {k: v.full_tensor() if _is_dtensor(v) else v for k, v in s.items()}
+            if not keep:
+                state[idx] = {}
+        self._state = {"state": state, "param_groups": sd["param_groups"]}
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._opt, name)
 
     def state_dict(self) -> dict[str, Any]:
-        sd = self._opt.state_dict()
-        state = {idx: {k: v.full_tensor() if _is_dtensor(v) else v for k, v in s.items()}
-                 for idx, s in sd["state"].items()}
-        return {"state": state, "param_groups": sd["param_groups"]}
+        return self._state
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         from torch.distributed.tensor import distribute_tensor
@@ -351,8 +409,15 @@ class _WholeStateOptimizer:
         self._opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
 
 
+_TAGGED = False
+
+
 def _tag_log_records(rank: int) -> None:
-    """Rank > 0 logs warnings and errors only, each line tagged with its rank."""
+    """Rank > 0 logs warnings and errors only, each line tagged with its rank (once per process)."""
+    global _TAGGED
+    if _TAGGED:
+        return
+    _TAGGED = True
     logger = logging.getLogger("deltatune")
     if rank > 0:
         logger.setLevel(logging.WARNING)
