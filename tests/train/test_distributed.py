@@ -45,6 +45,18 @@ CASES: dict[str, list[str]] = {
                 "adalora.tfinal=1", "train.max_steps=4"],
     "full": ["method=full", "train.lr=0.001"],
 }
+# every other method: one more launch, in the slow run
+MORE_CASES: dict[str, list[str]] = {
+    "dora": ["method=dora"],
+    "vera": ["method=vera", "vera.r=8"],
+    "bottleneck": ["method=bottleneck", "bottleneck.r=4"],
+    "prompt_tuning": ["method=prompt_tuning", "prompt.num_virtual_tokens=4"],
+    "prefix_tuning": ["method=prefix_tuning", "prompt.num_virtual_tokens=4"],
+    "p_tuning_v2": ["method=p_tuning_v2", "prompt.num_virtual_tokens=4"],
+    "partial": ["method=partial", "partial.top_n_layers=1", "train.lr=0.001"],
+    "head": ["method=head", "train.lr=0.001"],
+}
+TRAINS_BASE = {"full", "partial", "head"}  # runtime.strategy auto → fsdp2 for these
 
 
 def _common(model_dir: Path, data: Path, out: Path, world: int) -> list[str]:
@@ -143,7 +155,24 @@ def test_two_processes_give_one_process_losses_and_files(launched: dict[str, Any
     if name != "full":
         _assert_adapter_moved(tmp / f"2p-{name}")
     # auto: DDP for adapters on a replicated base, FSDP2 when base weights train
-    assert launched["two"][name]["summary"]["strategy"] == ("fsdp2" if name == "full" else "ddp")
+    assert launched["two"][name]["summary"]["strategy"] == ("fsdp2" if name in TRAINS_BASE else "ddp")
+
+
+@pytest.mark.slow
+def test_every_other_method_gives_one_process_numbers(model_dir: Path, tmp_path: Path) -> None:
+    data = _write_data(tmp_path / "train.jsonl")
+    one = {n: run(load_config(TrainConfig, None, _common(model_dir, data, tmp_path / f"1p-{n}", 1) + e),
+                  progress=False).losses for n, e in MORE_CASES.items()}
+    cases = [{"name": n, "overrides": _common(model_dir, data, tmp_path / f"2p-{n}", 2) + e}
+             for n, e in MORE_CASES.items()]
+    proc = _launch({"out": str(tmp_path), "cases": cases}, tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    two = json.loads((tmp_path / "results.json").read_text())
+    for name in MORE_CASES:
+        assert len(set(one[name])) > 1, name  # the loss moved: something trained
+        assert two[name]["losses"] == pytest.approx(one[name], rel=1e-5, abs=1e-6), name
+        _assert_same_files(tmp_path / f"1p-{name}", tmp_path / f"2p-{name}")
+        assert two[name]["summary"]["strategy"] == ("fsdp2" if name in TRAINS_BASE else "ddp"), name
 
 
 def test_adalora_prunes_the_same_ranks_on_every_process_count(launched: dict[str, Any]) -> None:
