@@ -106,7 +106,7 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
     rt = create_runtime(cfg, _device_setting(cfg, model, tokenizer))  # several processes under torchrun
     model, processor, splits = obj.setup(cfg, rt, model=model if passed_in else None,
                                          processor=tokenizer if passed_in else None)
-    _run_dir(cfg, out_dir, rt.is_main)  # made only now that the model and the data are ready
+    _make_run_dir(cfg, out_dir, rt.is_main)  # only now that the model and the data are ready
     ckpt = latest_checkpoint(out_dir) if cfg.resume else None
     before: dict[str, Any] = {}
     main_dir = out_dir if rt.is_main else None  # only rank 0 writes files
@@ -251,14 +251,13 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
     return RunResult(out_dir, summary, losses, interrupted)
 
 
-def _run_dir(cfg: TrainConfig, out_dir: Path, is_main: bool = True) -> Path:
+def _make_run_dir(cfg: TrainConfig, out_dir: Path, is_main: bool = True) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    if not is_main:
-        return out_dir
+    if not is_main:  # only rank 0 writes files
+        return
     with contextlib.suppress(FileNotFoundError):
         (out_dir / "error.txt").unlink()  # a resumed run that fails again writes a new one
     atomic_write_bytes(out_dir / "config.json", json.dumps(to_dict(cfg), indent=2).encode())
-    return out_dir
 
 
 def _log_step(metrics: Any, rec: dict[str, Any], bar: Any, log_every: int, total: int) -> None:
