@@ -87,6 +87,7 @@ def main(spec_path: str) -> None:
             model, tok = load_model(cfg.model.spec, dtype=cfg.model.dtype, device="cpu")
         res = run(cfg, model=model, tokenizer=tok, progress=False, stop_after_steps=case.get("stop_after_steps"))
         results[case["name"]] = {"losses": res.losses, "interrupted": res.interrupted,
+                                 "after": res.summary.get("after"),
                                  "summary": {k: res.summary.get(k) for k in ("strategy", "processes",
                                                                             "peak_memory_mb_per_rank")}}
         if case.get("check_slices") and model is not None:

@@ -60,11 +60,13 @@ TRAINS_BASE = {"full", "partial", "head"}  # runtime.strategy auto → fsdp2 for
 
 
 def _common(model_dir: Path, data: Path, out: Path, world: int) -> list[str]:
+    # evaluation after training (loss + 4 generated tokens on 6 held-out rows): under FSDP2 every
+    # rank generates in lockstep through the sharded model
     return [f"model.spec={model_dir}", "model.device=cpu", "model.dtype=fp32", f"data.train_file={data}",
-            "data.format=alpaca", "data.max_length=64", "train.batch_size=2", f"train.grad_accum={2 // world}",
-            "train.max_steps=3", "train.bf16=false", "train.lr=0.01", "eval.before=false",
-            "eval.exact_match=false", "lora.r=4", "lora.alpha=8", "lora.target_modules=all-linear",
-            f"output_dir={out}"]
+            f"data.eval_file={data.with_name('eval.jsonl')}", "data.format=alpaca", "data.max_length=64",
+            "train.batch_size=2", f"train.grad_accum={2 // world}", "train.max_steps=3", "train.bf16=false",
+            "train.lr=0.01", "eval.before=false", "eval.max_new_tokens=4", "lora.r=4", "lora.alpha=8",
+            "lora.target_modules=all-linear", f"output_dir={out}"]
 
 
 def _write_data(path: Path, n: int = 24) -> Path:
@@ -72,6 +74,7 @@ def _write_data(path: Path, n: int = 24) -> Path:
     rows = [{"instruction": " ".join(words[: 2 + i % 7]), "input": str(i),
              "output": " ".join(reversed(words[: 3 + (i * 5) % 11]))} for i in range(n)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path.with_name("eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:6]))
     return path
 
 
@@ -119,6 +122,7 @@ def launched(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
         res = run(load_config(TrainConfig, None, _common(model_dir, data, tmp / f"1p-{name}", 1) + extra),
                   progress=False)
         one[name] = res.losses
+        one[name + "/after"] = res.summary["after"]
     # resume 1 → 2: the first two steps on one process (strategy fsdp2 is read only by the second part)
     r12 = _common(model_dir, data, tmp / "r12", 1) + ["method=lora", "runtime.strategy=fsdp2"]
     run(load_config(TrainConfig, None, r12), progress=False, stop_after_steps=2)
@@ -127,6 +131,11 @@ def launched(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     cases += [
         {"name": "lora_fsdp2", "check_slices": True,
          "overrides": _common(model_dir, data, tmp / "2p-lora_fsdp2", 2) + ["method=lora", "runtime.strategy=fsdp2"]},
+        {"name": "qlora_fsdp2", "check_slices": True,
+         "overrides": _common(model_dir, data, tmp / "2p-qlora_fsdp2", 2) + ["method=qlora", "runtime.strategy=fsdp2"]},
+        {"name": "qlora_fsdp2_replicated",
+         "overrides": _common(model_dir, data, tmp / "2p-qlora_fsdp2_replicated", 2)
+         + ["method=qlora", "runtime.strategy=fsdp2", "runtime.shard_4bit=false"]},
         {"name": "r12", "check_slices": True,
          "overrides": _common(model_dir, data, tmp / "r12", 2) + ["method=lora", "runtime.strategy=fsdp2",
                                                                    "resume=true"]},
@@ -154,6 +163,9 @@ def test_two_processes_give_one_process_losses_and_files(launched: dict[str, Any
     _assert_same_files(tmp / f"1p-{name}", tmp / f"2p-{name}")
     if name != "full":
         _assert_adapter_moved(tmp / f"2p-{name}")
+    after1, after2 = launched["one"][name + "/after"], launched["two"][name]["after"]
+    assert after2["eval_loss"] == pytest.approx(after1["eval_loss"], rel=1e-5)
+    assert after2["exact_match"] == after1["exact_match"] and "exact_match" in after2
     # auto: DDP for adapters on a replicated base, FSDP2 when base weights train
     assert launched["two"][name]["summary"]["strategy"] == ("fsdp2" if name in TRAINS_BASE else "ddp")
 
@@ -188,10 +200,25 @@ def test_fsdp2_adapter_equals_ddp_and_every_rank_slice_is_in_the_files(launched:
     tmp = launched["tmp"]
     assert launched["two"]["lora_fsdp2"]["summary"]["strategy"] == "fsdp2"
     _assert_same_files(tmp / "1p-lora", tmp / "2p-lora_fsdp2")
+    # evaluated unmerged through the sharded model, on both ranks in lockstep: the same numbers
+    after = launched["two"]["lora_fsdp2"]["after"]
+    assert after["eval_loss"] == pytest.approx(launched["one"]["lora/after"]["eval_loss"], rel=1e-5)
     for rank, s in enumerate(launched["slices"]):
         for key in ("lora_fsdp2/adapter", "lora_fsdp2/checkpoint", "r12/adapter", "r12/checkpoint"):
             assert s[key]["checked"] > 0 and s[key]["dtensors"] == s[key]["checked"], (rank, key, s[key])
             assert s[key]["bad"] == [], (rank, key, s[key]["bad"][:3])
+
+
+@pytest.mark.parametrize("case", ["qlora_fsdp2", "qlora_fsdp2_replicated"])
+def test_4bit_base_under_fsdp2_sharded_or_replicated(launched: dict[str, Any], case: str) -> None:
+    """The packed uint8 NF4 weights shard like any parameter (no "Cannot flatten integer dtype
+    tensors"), or stay replicated; either way the numbers are one process's."""
+    tmp = launched["tmp"]
+    assert launched["two"][case]["losses"] == pytest.approx(launched["one"]["qlora"], rel=1e-5, abs=1e-6)
+    _assert_same_files(tmp / "1p-qlora", tmp / f"2p-{case}")
+    if case == "qlora_fsdp2":
+        for s in launched["slices"]:
+            assert s["qlora_fsdp2/adapter"]["bad"] == [] and s["qlora_fsdp2/adapter"]["dtensors"] > 0
 
 
 def test_saved_keys_are_clean(launched: dict[str, Any]) -> None:
