@@ -56,6 +56,12 @@ MORE_CASES: dict[str, list[str]] = {
     "partial": ["method=partial", "partial.top_n_layers=1", "train.lr=0.001"],
     "head": ["method=head", "train.lr=0.001"],
 }
+# and adapters under FSDP2 when asked for (AdaLoRA's hooks keep its adapter whole on every rank)
+FSDP2_CASES: dict[str, list[str]] = {
+    f"{n}_fsdp2": [*e, "runtime.strategy=fsdp2"]
+    for n, e in [("adalora", CASES["adalora"]), ("dora", MORE_CASES["dora"]), ("vera", MORE_CASES["vera"]),
+                 ("bottleneck", MORE_CASES["bottleneck"]), ("prefix_tuning", MORE_CASES["prefix_tuning"])]
+}
 TRAINS_BASE = {"full", "partial", "head"}  # runtime.strategy auto → fsdp2 for these
 
 
@@ -173,18 +179,20 @@ def test_two_processes_give_one_process_losses_and_files(launched: dict[str, Any
 @pytest.mark.slow
 def test_every_other_method_gives_one_process_numbers(model_dir: Path, tmp_path: Path) -> None:
     data = _write_data(tmp_path / "train.jsonl")
+    todo = {**MORE_CASES, **FSDP2_CASES}
     one = {n: run(load_config(TrainConfig, None, _common(model_dir, data, tmp_path / f"1p-{n}", 1) + e),
-                  progress=False).losses for n, e in MORE_CASES.items()}
+                  progress=False).losses for n, e in todo.items()}
     cases = [{"name": n, "overrides": _common(model_dir, data, tmp_path / f"2p-{n}", 2) + e}
-             for n, e in MORE_CASES.items()]
+             for n, e in todo.items()]
     proc = _launch({"out": str(tmp_path), "cases": cases}, tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     two = json.loads((tmp_path / "results.json").read_text())
-    for name in MORE_CASES:
+    for name in todo:
         assert len(set(one[name])) > 1, name  # the loss moved: something trained
         assert two[name]["losses"] == pytest.approx(one[name], rel=1e-5, abs=1e-6), name
         _assert_same_files(tmp_path / f"1p-{name}", tmp_path / f"2p-{name}")
-        assert two[name]["summary"]["strategy"] == ("fsdp2" if name in TRAINS_BASE else "ddp"), name
+        fsdp2 = name in TRAINS_BASE or name in FSDP2_CASES
+        assert two[name]["summary"]["strategy"] == ("fsdp2" if fsdp2 else "ddp"), name
 
 
 def test_adalora_prunes_the_same_ranks_on_every_process_count(launched: dict[str, Any]) -> None:

@@ -175,6 +175,7 @@ class DistributedRuntime(Runtime):
         self.local_rank = local_rank
         self.strategy: str = rcfg.strategy  # resolved in wrap()
         self._names: dict[int, str] = {}
+        self._sync = True  # gradients are reduced in this backward (the window's last micro-batch)
 
     @classmethod
     def create_distributed(cls, cfg: Any, device: str | torch.device) -> DistributedRuntime:
@@ -196,7 +197,7 @@ class DistributedRuntime(Runtime):
         return rt
 
     # -- the seam's calls ----------------------------------------------------------------------
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: nn.Module, hooks: Sequence[Any] = ()) -> nn.Module:
         """DDP or FSDP2 around ``model`` (after the method, before the optimizer). Under FSDP2 the
         model itself becomes the sharded module (``fully_shard`` works in place): the return value
         is ``model``; under DDP it is the ``DistributedDataParallel`` wrapper, and ``model`` stays
@@ -207,7 +208,7 @@ class DistributedRuntime(Runtime):
             log.info("distributed strategy: %s", self.strategy)
         if self.strategy == "fsdp2":
             self.can_merge = False  # adapters merge into the base for evaluation only when it is whole
-            return self._fully_shard(model)
+            return self._fully_shard(model, replicate_trainable=bool(hooks) and not self.trains_base)
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [self.device.index] if self.device.type == "cuda" else None
@@ -215,7 +216,10 @@ class DistributedRuntime(Runtime):
         # parameters and buffers once, so a rank that drew differently cannot drift.
         return DDP(model, device_ids=ids, broadcast_buffers=False)
 
-    def _fully_shard(self, model: nn.Module) -> nn.Module:
+    def _fully_shard(self, model: nn.Module, replicate_trainable: bool) -> nn.Module:
+        """``fully_shard`` per block, then the root. ``replicate_trainable``: the adapter stays whole
+        on every rank (a hook reads it between forwards: AdaLoRA's orthogonality penalty and rank
+        allocator need whole matrices) and its gradients are all-reduced here, as DDP would."""
         from torch.distributed.fsdp import fully_shard
 
         from ..registry import block_list
@@ -225,12 +229,25 @@ class DistributedRuntime(Runtime):
         ignored: set[nn.Parameter] = set()
         if not self.rcfg.shard_4bit:
             ignored = {p for p in model.parameters() if not p.is_floating_point()}
+        if replicate_trainable:
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            ignored |= set(trainable)
+            for p in trainable:
+                dist.broadcast(p.data, src=0)  # as DDP does: every rank starts from rank 0's adapter
+                p.register_post_accumulate_grad_hook(self._mean_grad)
+            log.info("fsdp2: the base is sharded; the adapter stays whole on every rank (the method's hooks read it)")
         kw: dict[str, Any] = {"ignored_params": ignored} if ignored else {}
         _, blocks = block_list(model)
         for block in blocks:  # one all-gather per block in forward; only one block unsharded at a time
             fully_shard(block, **kw)
         fully_shard(model, **kw)  # the rest: embeddings, final norm, output head, prompt tables
         return model
+
+    def _mean_grad(self, p: torch.Tensor) -> None:
+        # an adapter kept whole under FSDP2: its gradient averaged over ranks at the window's end
+        if self._sync and p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(self.world)
 
     def shard(self, items: Sequence[T]) -> list[T]:
         if len(items) < self.world:
@@ -273,6 +290,7 @@ class DistributedRuntime(Runtime):
         if isinstance(model, DDP):
             return contextlib.nullcontext() if last else model.no_sync()
         if isinstance(model, FSDPModule):
+            self._sync = last
             return _fsdp_sync(model, last)
         return contextlib.nullcontext()
 

@@ -132,7 +132,7 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
 
     report = parameter_report(model)
     log.info("%s", report["line"])
-    net = rt.wrap(model)  # after apply, before the optimizer; `model` stays the unwrapped one
+    net = rt.wrap(model, hooks)  # after apply, before the optimizer; `model` stays the unwrapped one
     params, upcast = rt.rebind(model, params, upcast)  # FSDP2 put sharded parameters in their place
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer, total_steps)

@@ -63,7 +63,9 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: nn.Module, hooks: Sequence[Any] = ()) -> nn.Module:
+        """``hooks``: the run's hooks (a distributed runtime keeps what they read between
+        forwards, e.g. AdaLoRA's matrices, whole on every rank)."""
         return model
 
     def shard(self, items: Sequence[T]) -> list[T]:
