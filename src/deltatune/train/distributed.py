@@ -222,7 +222,7 @@ class DistributedRuntime(Runtime):
         allocator need whole matrices) and its gradients are all-reduced here, as DDP would."""
         from torch.distributed.fsdp import fully_shard
 
-        from ..registry import block_list
+        from ..structure import block_list
 
         if self.optimizer_name == "adamw8bit":
             raise ValueError("runtime.strategy fsdp2 cannot shard train.optimizer adamw8bit state: use adamw")

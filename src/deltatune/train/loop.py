@@ -33,11 +33,11 @@ from torch import nn
 from tqdm import tqdm
 
 from ..config import to_dict
+from ..data import epoch_batches
 from ..io import atomic_write_bytes
-from ..registry import get_method, get_objective
+from ..registry import apply_method, get_objective
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import epoch_batches
 from .distributed import create_runtime, is_main_process, shared_output_dir
 from .hooks import RunInfo, after_step, check_hooks, extra_loss, regularisers
 from .inference import merged_for_inference
@@ -100,7 +100,7 @@ def _record_failure(out_dir: Path, existed: bool, error: BaseException) -> None:
 def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: Any, progress: bool,
          stop_after_steps: int | None) -> RunResult:
     t_start = time.perf_counter()
-    method, obj = get_method(cfg.method), get_objective(cfg.objective)(cfg)
+    obj = get_objective(cfg.objective)(cfg)
     torch.manual_seed(cfg.train.seed)
     passed_in = model is not None and tokenizer is not None
     rt = create_runtime(cfg, _device_setting(cfg, model, tokenizer))  # several processes under torchrun
@@ -122,7 +122,7 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
     per_epoch = max(1, math.ceil(len(splits.train) / cfg.train.batch_size) // ga)
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else per_epoch * cfg.train.epochs
     info = RunInfo(total_steps=total_steps, steps_per_epoch=per_epoch, world=rt.world, processor=processor)
-    hooks = check_hooks(method.apply(model, cfg, info) + regularisers(cfg, obj, model, splits))
+    hooks = check_hooks(apply_method(model, cfg, info) + regularisers(cfg, obj, model, splits))
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"method {cfg.method!r} left no trainable parameter")
