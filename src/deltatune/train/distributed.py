@@ -241,6 +241,8 @@ class DistributedRuntime(Runtime):
         for block in blocks:  # one all-gather per block in forward; only one block unsharded at a time
             fully_shard(block, **kw)
         fully_shard(model, **kw)  # the rest: embeddings, final norm, output head, prompt tables
+        if self.device.type == "cpu":
+            _release_freed_memory()
         return model
 
     def _mean_grad(self, p: torch.Tensor) -> None:
@@ -347,6 +349,17 @@ def _fsdp_sync(model: Any, last: bool) -> Iterator[None]:
         yield
     finally:
         model.set_requires_gradient_sync(True)
+
+
+def _release_freed_memory() -> None:
+    """Give the whole parameters that sharding freed back to the OS (glibc keeps freed heap pages
+    otherwise, and each rank's RSS would stay at the whole model's)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _is_dtensor(t: Any) -> bool:
