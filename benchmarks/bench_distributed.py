@@ -55,7 +55,7 @@ def worker(method: str, strategy: str, steps: int, batch: int, seq: int, shard_4
     import torch
 
     from deltatune.config import load_config
-    from deltatune.objectives.causal_lm import causal_loss_sum
+    from deltatune.objectives.causal_lm import model_loss_sum
     from deltatune.registry import get_method
     from deltatune.train.config import TrainConfig
     from deltatune.train.distributed import create_runtime
@@ -83,7 +83,7 @@ def worker(method: str, strategy: str, steps: int, batch: int, seq: int, shard_4
         ids = torch.randint(0, vocab, (batch, seq), generator=g)
         b = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
         n = rt.all_sum(batch * (seq - 1))
-        loss = rt.world * causal_loss_sum(net, b) / n
+        loss = rt.world * model_loss_sum(net, b) / n
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
