@@ -15,7 +15,7 @@ import deltatune
 from deltatune.cli import _train_help, main
 from deltatune.config import load_config
 from deltatune.quant.linear4bit import Linear4bit
-from deltatune.registry import ADAPTERS, METHODS, apply_method, kind_of, sections
+from deltatune.registry import ADAPTERS, METHODS, OBJECTIVES, apply_method, kind_of, sections
 from deltatune.testing import make_tiny_llama
 from deltatune.train.config import TrainConfig
 from deltatune.train.hooks import RunInfo
@@ -39,6 +39,8 @@ def test_readme_help_and_registry_list_the_same_methods() -> None:
     help_block = _train_help().split("Methods (--set method=NAME):\n")[1].split("\n\n")[0]
     in_help = [line.split()[0] for line in help_block.splitlines()]
     assert in_help == list(METHODS)
+    objectives = _train_help().split("Objectives (--set objective=NAME):\n")[1].split("\n\n")[0]
+    assert [line.split()[0] for line in objectives.splitlines()] == list(OBJECTIVES)
     assert sorted(_readme_methods()) == sorted(METHODS)
 
 

@@ -2,7 +2,8 @@
 
 ``METHODS``     ``method: NAME`` → its config section, ``apply``, what it saves, its adapter kind,
                 whether a 4-bit base is allowed. ``deltatune train --help``, the README's method table
-                and ``TrainConfig``'s sections read it (tests/test_matrix.py checks they agree).
+                and ``TrainConfig``'s sections read it (tests/test_registry.py::
+                test_readme_help_and_registry_list_the_same_methods checks they agree).
 ``ADAPTERS``    an adapter kind (one per config class kept in ``model.deltatune_state``) → its file
                 format (``peft_type`` values), save/load, merge/unmerge/unload, delete, set_active,
                 disable and ``describe`` (``deltatune info``). ``inject.py`` and ``io.py`` dispatch here.
@@ -47,6 +48,7 @@ from .methods.strategies import PartialConfig
 from .methods.vera import VeraConfig
 from .objectives.base import Objective
 from .objectives.causal_lm import CausalLM
+from .objectives.dreambooth import DreamBooth
 from .train.hooks import Hook, RunInfo
 
 if TYPE_CHECKING:
@@ -287,6 +289,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
 
 OBJECTIVES: dict[str, type[Objective]] = {
     "causal_lm": CausalLM,
+    "dreambooth": DreamBooth,
 }
 
 QUANT_TYPES = ("none", "nf4", "fp4")

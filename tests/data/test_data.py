@@ -1,4 +1,4 @@
-"""deltatune.train.data: readers, format detection, masking via the chat template, packing, collate,
+"""deltatune.data: readers, format detection, masking via the chat template, packing, collate,
 batch order — on the in-memory tiny tokenizer (deltatune.testing), no network."""
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ Templates that re-render earlier turns differently once later turns exist (e.g. 
 from __future__ import annotations
 
 from .batching import IGNORE_INDEX, collate, count_loss_tokens, epoch_batches, epoch_order
-from .prepare import PreparedData, prepare_data, reference_batches
+from .prepare import PreparedData, data_report, prepare_data, reference_batches
 from .records import (
     FORMATS,
     DataError,
@@ -52,6 +52,7 @@ __all__ = [
     "Tokenized",
     "collate",
     "count_loss_tokens",
+    "data_report",
     "detect_format",
     "epoch_batches",
     "epoch_order",

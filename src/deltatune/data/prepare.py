@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from deltatune.train.config import DataConfig
 
-__all__ = ["PreparedData", "prepare_data", "reference_batches"]
+__all__ = ["PreparedData", "data_report", "prepare_data", "reference_batches"]
 
 # ---------------------------------------------------------------------------------------------
 # Everything for a run
@@ -46,6 +46,8 @@ class PreparedData:
     skipped_messages: list[str] = field(default_factory=list)
     truncated: int = 0
     dropped: int = 0
+    dropped_sources: list[str] = field(default_factory=list)  # the first few, file:line
+    max_length: int = 0
 
 
 def _builtin(records: list[dict[str, Any]], split: str) -> LoadedExamples:
@@ -67,18 +69,20 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Prepare
         if cfg.eval_file is not None:
             eval_fmt = cfg.format if cfg.format != "auto" else train.format  # one dataset, one shape
             evals = load_examples(cfg.eval_file, eval_fmt, skip_bad_records=cfg.skip_bad_records)
+    dropped_sources: list[str] = []
     train_rows, truncated, dropped = tokenize_examples(
-        train.examples, tokenizer, cfg.max_length, cfg.completion_only_loss
+        train.examples, tokenizer, cfg.max_length, cfg.completion_only_loss, dropped_sources
     )
     if not train_rows:
         raise DataError(
-            f"{cfg.train_file}: no training example has a loss token left within data.max_length={cfg.max_length}"
+            f"{cfg.train_file}: no training example has a loss token left within data.max_length={cfg.max_length} "
+            f"(all {dropped} dropped, e.g. {', '.join(dropped_sources[:3])}): raise data.max_length"
         )
     eval_rows: list[Tokenized] = []
     pairs = []
     if evals is not None:
         eval_rows, t2, d2 = tokenize_examples(
-            evals.examples, tokenizer, cfg.max_length, cfg.completion_only_loss
+            evals.examples, tokenizer, cfg.max_length, cfg.completion_only_loss, dropped_sources
         )
         truncated, dropped = truncated + t2, dropped + d2
         pairs = [p for p in map(prompt_and_reference, evals.examples) if p is not None]
@@ -93,7 +97,28 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Prepare
         skipped_messages=skipped_messages[:_MAX_REPORTED],
         truncated=truncated,
         dropped=dropped,
+        dropped_sources=dropped_sources[:_MAX_REPORTED],
+        max_length=cfg.max_length,
     )
+
+
+def data_report(data: PreparedData, shown: int = 3) -> tuple[str, list[str]]:
+    """The run log's data line, and warnings that name what was lost: records skipped as malformed,
+    records dropped because no loss token fits in max_length, rows truncated — with the first
+    ``shown`` locations (file:line), so nothing vanishes silently."""
+    line = (f"data: {len(data.train)} train rows, {len(data.eval)} eval rows (format {data.format}, "
+            f"{data.skipped} skipped, {data.dropped} dropped, {data.truncated} truncated)")
+    warnings: list[str] = []
+    if data.skipped:
+        warnings.append(f"{data.skipped} malformed record(s) skipped (data.skip_bad_records), e.g. "
+                        + "; ".join(data.skipped_messages[:shown]))
+    if data.dropped:
+        warnings.append(f"{data.dropped} record(s) dropped: no loss token within data.max_length="
+                        f"{data.max_length} tokens (the answer starts after the limit), e.g. "
+                        + ", ".join(data.dropped_sources[:shown]) + "; raise data.max_length to keep them")
+    if data.truncated:
+        warnings.append(f"{data.truncated} record(s) truncated to data.max_length={data.max_length} tokens")
+    return line, warnings
 
 
 

@@ -71,6 +71,8 @@ def read_records(
     Only per-record problems (a bad JSONL line, a ragged CSV row) are skippable; a JSON file
     that does not parse, or an unsupported extension, is always an error."""
     p = Path(path)
+    if p.is_dir():
+        raise DataError(f"{p}: is a directory; expected a data file (.jsonl, .json, .csv or .parquet)")
     if not p.is_file():
         raise DataError(f"{p}: data file not found")
     suffix = p.suffix.lower()
@@ -181,6 +183,8 @@ def detect_format(record: Any, source: str = "<record>") -> str:
 
 def _str_field(rec: Mapping[str, Any], key: str, source: str, *, required: bool) -> str:
     if key not in rec or rec[key] is None:
+        if required and key in rec:
+            raise DataError(f"{source}: '{key}' is null; expected a string")
         if required:
             raise DataError(f"{source}: missing key '{key}' (keys present: {sorted(map(str, rec))})")
         return ""
@@ -194,6 +198,8 @@ def _str_field(rec: Mapping[str, Any], key: str, source: str, *, required: bool)
 
 def _list_field(rec: Mapping[str, Any], key: str, source: str) -> list[Any]:
     if key not in rec or rec[key] is None:
+        if key in rec:
+            raise DataError(f"{source}: '{key}' is null; expected a non-empty list of turns")
         raise DataError(f"{source}: missing key '{key}' (keys present: {sorted(map(str, rec))})")
     value = rec[key]
     if isinstance(value, str):  # CSV cells hold nested data as JSON text

@@ -103,10 +103,12 @@ def tokenize_examples(
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
     completion_only_loss: bool = True,
+    dropped_sources: list[str] | None = None,
 ) -> tuple[list[Tokenized], int, int]:
     """Tokenise all; returns ``(rows, truncated, dropped)``: ``truncated`` counts kept rows that were
     cut to max_length; ``dropped`` counts examples left with no loss token (a prompt longer than
-    max_length, say), which are removed rather than trained on as pure padding."""
+    max_length, say), which are removed rather than trained on as pure padding. Their locations
+    (``file:line``) are appended to ``dropped_sources`` when given, for the run's data report."""
     rows: list[Tokenized] = []
     truncated = dropped = 0
     for ex in examples:
@@ -116,6 +118,8 @@ def tokenize_examples(
         # labels[0] never counts: position 0 has no previous token to predict it from.
         if all(t == IGNORE_INDEX for t in row["labels"][1:]):
             dropped += 1
+            if dropped_sources is not None:
+                dropped_sources.append(ex.source)
             continue
         truncated += was_cut
         rows.append(row)

@@ -1,7 +1,7 @@
 """``objective: causal_lm`` — supervised fine-tuning of a causal LM (the built-in demo's objective).
 
 Data: ``data:`` files or the built-in JSON-extraction task, tokenised with the chat template and
-prompts masked (``deltatune.train.data``). Loss unit: a label token (labels ≠ −100 after the causal
+prompts masked (``deltatune.data``). Loss unit: a label token (labels ≠ −100 after the causal
 shift). Evaluation: token-weighted held-out loss and perplexity, plus exact match of greedy replies
 against the references (``eval:``). Saved as a PEFT-layout adapter (adapter methods) or an HF model
 directory (full / head / partial), as the method's registry row says.
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
-from ..data import PreparedData, Tokenized, collate, prepare_data
+from ..data import PreparedData, Tokenized, collate, data_report, prepare_data
 from ..losses import IGNORE_INDEX, causal_loss_sum, causal_loss_tokens, token_loss_sum
 from .base import Batch, Objective, Splits, Stage
 
@@ -112,13 +112,16 @@ class CausalLM(Objective):
 
             model, processor = load_model(cfg.model.spec, dtype=cfg.model.dtype, device=rt.device)
         data = prepare_data(cfg.data, processor)
-        log.info("data: %d train rows, %d eval rows (format %s, %d skipped, %d truncated)", len(data.train),
-                 len(data.eval), data.format, data.skipped, data.truncated)
+        line, problems = data_report(data)  # nothing vanishes silently: dropped/truncated rows named
+        log.info("%s", line)
+        for problem in problems:
+            log.warning("%s", problem)
         self.tokenizer = processor
         self.pad = int(processor.pad_token_id)
         info = {"format": data.format, "train_rows": len(data.train), "eval_rows": len(data.eval),
                 "skipped_records": data.skipped, "skipped_messages": data.skipped_messages,
-                "truncated": data.truncated}
+                "truncated": data.truncated, "dropped_records": data.dropped,
+                "dropped_sources": data.dropped_sources}
         return model, processor, Splits(train=data.train, eval=data.eval, info=info, extra=data)
 
     def collate(self, rows: Sequence[Any]) -> Batch:

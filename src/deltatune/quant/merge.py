@@ -206,8 +206,6 @@ def merge_into_4bit_checkpoint(
     codes in proportion to its size, at the price of fresh rounding noise.  The one with the lower
     mean |Δ logit| is written; the report carries both (``strategies``) and ``strategy``.
     """
-    import json
-
     from ..inject import unload
     from .checkpoint import save_4bit_checkpoint
 
@@ -219,8 +217,11 @@ def merge_into_4bit_checkpoint(
     report: dict[str, Any] = {"strategy": best, **reports[best]}
     if len(reports) > 1:
         report["strategies"] = reports
-    target = save_4bit_checkpoint(candidates[best], tokenizer, out)
-    (target / "merge_report.json").write_text(json.dumps(report, indent=2))
+    from ..fsutil import dumps_json
+
+    # The report goes inside the same atomic directory: the checkpoint and its report appear together.
+    save_4bit_checkpoint(candidates[best], tokenizer, out,
+                         extra_files={"merge_report.json": dumps_json(report, indent=2).encode()})
     return report
 
 

@@ -34,14 +34,17 @@ from tqdm import tqdm
 
 from ..config import to_dict
 from ..data import epoch_batches
+from ..fsutil import dumps_json
 from ..io import atomic_write_bytes
 from ..registry import apply_method, get_objective
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .distributed import create_runtime, is_main_process, shared_output_dir
+from .guard import DivergenceGuard
 from .hooks import RunInfo, after_step, check_hooks, extra_loss, regularisers
 from .inference import merged_for_inference
 from .optim import lr_lambda, make_optimizer, make_scheduler
+from .rundir import claim, last_logged_loss, truncate_metrics
 from .runtime import StopFlag
 
 log = logging.getLogger("deltatune.train")
@@ -73,6 +76,8 @@ def run(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer: Any = No
     A run that fails leaves no half-made run directory behind: one this call created and that holds
     no checkpoint yet is removed; otherwise ``error.txt`` in it says why the run stopped."""
     out_dir = shared_output_dir(cfg, _device_setting(cfg, model, tokenizer))  # rank 0's, under torchrun
+    if is_main_process():
+        claim(cfg, out_dir)  # one run per directory; --resume only with the same config (rundir.py)
     existed = out_dir.exists()
     try:
         return _run(cfg, out_dir, model, tokenizer, progress, stop_after_steps)
@@ -115,7 +120,7 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
     elif cfg.eval.before and ckpt is None:
         before = obj.evaluate(model, splits, rt, stage="before", out_dir=main_dir, progress=progress)
         if rt.is_main:
-            atomic_write_bytes(out_dir / "before.json", json.dumps(before, indent=2).encode())
+            atomic_write_bytes(out_dir / "before.json", dumps_json(before, indent=2).encode())
 
     # A window: grad_accum micro-batches per process (train.batch_size is per process).
     ga = cfg.train.grad_accum * rt.world
@@ -145,8 +150,9 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
         log.warning("resume: no checkpoint in %s; starting from scratch", out_dir)
 
     metrics_path = out_dir / "metrics.jsonl" if rt.is_main else Path(os.devnull)
-    if not cfg.resume and rt.is_main and metrics_path.exists():
-        metrics_path.unlink()
+    if rt.is_main:
+        truncate_metrics(metrics_path, prog.step)  # steps after the checkpoint are redone: log them once
+    guard = DivergenceGuard(model, out_dir)
     losses: list[float] = []
     model.train()
     t_train, units_this_run, interrupted = time.perf_counter(), 0, False
@@ -157,6 +163,7 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
         with rt.gathered(model, main_only=True):
             opt = rt.optimizer_view(optimizer)  # whole tensors: resumable on another process count
             if rt.is_main:
+                guard.check_params(model, prog.step)  # checkpoints are finite: the last one is the last good state
                 save_checkpoint(out_dir, prog.step, model, opt, scheduler, asdict(prog), hooks)
         rt.barrier()
 
@@ -180,6 +187,7 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
                 total = rt.all_mean(total)  # Σ over ranks of Σ_b loss_sum / n: the window's mean loss
                 grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
                              if cfg.train.max_grad_norm > 0 else None)
+                guard.check_step(prog.step + 1, total, None if grad_norm is None else rt.scalar(grad_norm), scheduler.get_last_lr()[0], params)  # before the update
                 optimizer.step()
                 scheduler.step()
                 after_step(hooks, prog.step)  # before zero_grad: AdaLoRA scores use this step's gradients
@@ -200,7 +208,7 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
                 if cfg.train.eval_every and prog.step % cfg.train.eval_every == 0 and splits.eval:
                     ev = obj.evaluate(model, splits, rt, stage="during")
                     rec.update({k: round(v, 6) if isinstance(v, float) else v for k, v in ev.items()})
-                _log_step(metrics, rec, bar, cfg.train.log_every if not bar.disable else 0, total_steps)
+                _log_step(metrics, rec, bar, cfg.train.log_every if bar.disable and rt.is_main else 0, total_steps)
                 if cfg.train.save_every and prog.step % cfg.train.save_every == 0:
                     checkpoint()
                 # every rank stops after the same step (a signal may reach one rank first)
@@ -238,7 +246,7 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
         "steps": prog.step, "train_tokens": prog.tokens, "train_seconds": round(train_seconds, 2),
         "tokens_per_s": round(units_this_run / max(train_seconds, 1e-9), 1),
         "wall_seconds": round(time.perf_counter() - t_start, 2), "peak_memory_mb": peaks[0],
-        "data": splits.info, "final_loss": losses[-1] if losses else None,
+        "data": splits.info, "final_loss": round(losses[-1], 6) if losses else last_logged_loss(metrics_path),  # as metrics.jsonl
     }
     if rt.world > 1:
         summary["processes"] = rt.world
@@ -247,7 +255,7 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
     storage = _storage_report(model)
     if storage:
         summary["storage_bytes"] = storage
-    atomic_write_bytes(out_dir / "summary.json", json.dumps(summary, indent=2).encode())
+    atomic_write_bytes(out_dir / "summary.json", dumps_json(summary, indent=2).encode())
     return RunResult(out_dir, summary, losses, interrupted)
 
 
@@ -257,12 +265,14 @@ def _make_run_dir(cfg: TrainConfig, out_dir: Path, is_main: bool = True) -> None
         return
     with contextlib.suppress(FileNotFoundError):
         (out_dir / "error.txt").unlink()  # a resumed run that fails again writes a new one
-    atomic_write_bytes(out_dir / "config.json", json.dumps(to_dict(cfg), indent=2).encode())
+    # "processes": how many shared the global batch (rundir.claim lets --resume change grad_accum with it)
+    stored = {**to_dict(cfg), "processes": int(os.environ.get("WORLD_SIZE", "1"))}
+    atomic_write_bytes(out_dir / "config.json", json.dumps(stored, indent=2).encode())
 
 
 def _log_step(metrics: Any, rec: dict[str, Any], bar: Any, log_every: int, total: int) -> None:
     """One metrics.jsonl record per step; the progress bar, or a log line every ``log_every`` steps."""
-    metrics.write(json.dumps(rec) + "\n")
+    metrics.write(dumps_json(rec) + "\n")
     metrics.flush()
     bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
     bar.update(1)
