@@ -163,6 +163,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                  + (["overwrite=true"] if args.overwrite else []))
     cfg = load_config(TrainConfig, args.config, overrides)
     result = run(cfg, progress=not args.no_progress)
+    from .train.distributed import is_main_process
+
+    if not is_main_process():  # under torchrun rank 0 alone reports
+        return 130 if result.interrupted else 0
     if result.interrupted:
         print(f"interrupted; resume with: deltatune train {args.config or ''} --resume "
               f"--set output_dir={result.output_dir}".replace("  ", " "))
@@ -470,14 +474,31 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         _quiet_third_party()
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, OSError) as e:
         if args.verbose:
             raise
         # An OSError carries (strerror, filename): print '<path>: <reason>', not '[Errno 28] ...'.
         text = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror else str(e)
-        print(f"deltatune {args.command}: error: {text}", file=sys.stderr)
+        print(f"deltatune {args.command}:{_rank_tag()} error: {text}", file=sys.stderr)
         return 2
+    _leave_process_group()
+    return code
+
+
+def _rank_tag() -> str:
+    """' [rank N]' under torchrun (which rank failed), else ''."""
+    import os
+
+    return f" [rank {os.environ['RANK']}]" if "RANK" in os.environ and "WORLD_SIZE" in os.environ else ""
+
+
+def _leave_process_group() -> None:
+    if "torch.distributed" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

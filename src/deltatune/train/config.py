@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from deltatune.methods.strategies import PartialConfig
+from deltatune.train.distributed import RuntimeConfig
 from deltatune.validate import finite_fields
 
 __all__ = [
@@ -263,6 +264,9 @@ class _TrainConfig:
     data: DataConfig = field(default_factory=DataConfig, metadata=_doc("Training and evaluation data."))
     train: LoopConfig = field(default_factory=LoopConfig, metadata=_doc("Optimizer, schedule and loop."))
     eval: EvalConfig = field(default_factory=EvalConfig, metadata=_doc("Generation-based evaluation."))
+    runtime: RuntimeConfig = field(
+        default_factory=RuntimeConfig, metadata=_doc("Several processes (torchrun): DDP or FSDP2, timeouts.")
+    )
     output_dir: str = field(
         default=f"runs/{_TIMESTAMP}",
         metadata=_doc(

@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -38,12 +39,13 @@ from ..io import atomic_write_bytes
 from ..registry import apply_method, get_objective
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .distributed import create_runtime, is_main_process, shared_output_dir
 from .guard import DivergenceGuard
 from .hooks import RunInfo, after_step, check_hooks, extra_loss, regularisers
 from .inference import merged_for_inference
 from .optim import lr_lambda, make_optimizer, make_scheduler
 from .rundir import claim, last_logged_loss, truncate_metrics
-from .runtime import Runtime, StopFlag
+from .runtime import StopFlag
 
 log = logging.getLogger("deltatune.train")
 
@@ -73,14 +75,20 @@ def run(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer: Any = No
 
     A run that fails leaves no half-made run directory behind: one this call created and that holds
     no checkpoint yet is removed; otherwise ``error.txt`` in it says why the run stopped."""
-    out_dir = Path(cfg.output_dir) if cfg.resume else cfg.resolve_output_dir()
-    claim(cfg, out_dir)  # one run per directory; --resume only with the same config (rundir.py)
+    out_dir = shared_output_dir(cfg, _device_setting(cfg, model, tokenizer))  # rank 0's, under torchrun
+    if is_main_process():
+        claim(cfg, out_dir)  # one run per directory; --resume only with the same config (rundir.py)
     existed = out_dir.exists()
     try:
         return _run(cfg, out_dir, model, tokenizer, progress, stop_after_steps)
     except BaseException as e:
-        _record_failure(out_dir, existed, e)
+        if is_main_process():
+            _record_failure(out_dir, existed, e)
         raise
+
+
+def _device_setting(cfg: TrainConfig, model: nn.Module | None, tokenizer: Any) -> str | torch.device:
+    return next(model.parameters()).device if model is not None and tokenizer is not None else cfg.model.device
 
 
 def _record_failure(out_dir: Path, existed: bool, error: BaseException) -> None:
@@ -100,20 +108,23 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
     obj = get_objective(cfg.objective)(cfg)
     torch.manual_seed(cfg.train.seed)
     passed_in = model is not None and tokenizer is not None
-    rt = Runtime.create(cfg.train.bf16, next(model.parameters()).device if model is not None and passed_in
-                        else cfg.model.device)
+    rt = create_runtime(cfg, _device_setting(cfg, model, tokenizer))  # several processes under torchrun
     model, processor, splits = obj.setup(cfg, rt, model=model if passed_in else None,
                                          processor=tokenizer if passed_in else None)
-    _make_run_dir(cfg, out_dir)  # only now that the model and the data are ready
+    _make_run_dir(cfg, out_dir, rt.is_main)  # only now that the model and the data are ready
     ckpt = latest_checkpoint(out_dir) if cfg.resume else None
     before: dict[str, Any] = {}
+    main_dir = out_dir if rt.is_main else None  # only rank 0 writes files
     if ckpt is not None and (out_dir / "before.json").exists():
         before = json.loads((out_dir / "before.json").read_text())
     elif cfg.eval.before and ckpt is None:
-        before = obj.evaluate(model, splits, rt, stage="before", out_dir=out_dir, progress=progress)
-        atomic_write_bytes(out_dir / "before.json", dumps_json(before, indent=2).encode())
+        before = obj.evaluate(model, splits, rt, stage="before", out_dir=main_dir, progress=progress)
+        if rt.is_main:
+            atomic_write_bytes(out_dir / "before.json", dumps_json(before, indent=2).encode())
 
-    per_epoch = max(1, math.ceil(len(splits.train) / cfg.train.batch_size) // cfg.train.grad_accum)
+    # A window: grad_accum micro-batches per process (train.batch_size is per process).
+    ga = cfg.train.grad_accum * rt.world
+    per_epoch = max(1, math.ceil(len(splits.train) / cfg.train.batch_size) // ga)
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else per_epoch * cfg.train.epochs
     info = RunInfo(total_steps=total_steps, steps_per_epoch=per_epoch, world=rt.world, processor=processor)
     hooks = check_hooks(apply_method(model, cfg, info) + regularisers(cfg, obj, model, splits))
@@ -126,25 +137,36 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
 
     report = parameter_report(model)
     log.info("%s", report["line"])
-    net = rt.wrap(model)  # after apply, before the optimizer; `model` stays the unwrapped one
+    net = rt.wrap(model, hooks)  # after apply, before the optimizer; `model` stays the unwrapped one
+    params, upcast = rt.rebind(model, params, upcast)  # FSDP2 put sharded parameters in their place
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer, total_steps)
     prog = _Progress()
     if ckpt is not None:
-        prog = _Progress(**load_checkpoint(ckpt, model, optimizer, scheduler, hooks))
+        with rt.gathered(model, write_back=True):  # whole tensors in the file, this rank's shard kept
+            prog = _Progress(**load_checkpoint(ckpt, model, rt.optimizer_view(optimizer), scheduler, hooks))
         log.info("resumed from %s (step %d)", ckpt, prog.step)
     elif cfg.resume:
         log.warning("resume: no checkpoint in %s; starting from scratch", out_dir)
 
-    metrics_path = out_dir / "metrics.jsonl"
-    truncate_metrics(metrics_path, prog.step)  # steps after the checkpoint are redone: log them once
+    metrics_path = out_dir / "metrics.jsonl" if rt.is_main else Path(os.devnull)
+    if rt.is_main:
+        truncate_metrics(metrics_path, prog.step)  # steps after the checkpoint are redone: log them once
     guard = DivergenceGuard(model, out_dir)
     losses: list[float] = []
     model.train()
     t_train, units_this_run, interrupted = time.perf_counter(), 0, False
     bar = tqdm(total=total_steps, initial=prog.step, desc=f"train {cfg.method}", unit="step",
                disable=not (progress and rt.is_main), dynamic_ncols=True)
-    ga = cfg.train.grad_accum
+
+    def checkpoint() -> None:
+        with rt.gathered(model, main_only=True):
+            opt = rt.optimizer_view(optimizer)  # whole tensors: resumable on another process count
+            if rt.is_main:
+                guard.check_params(model, prog.step)  # checkpoints are finite: the last one is the last good state
+                save_checkpoint(out_dir, prog.step, model, opt, scheduler, asdict(prog), hooks)
+        rt.barrier()
+
     with StopFlag() as stop, open(metrics_path, "a") as metrics:
         while prog.step < total_steps and not interrupted:
             batches = epoch_batches(len(splits.train), cfg.train.batch_size, cfg.train.seed, prog.epoch)
@@ -162,16 +184,17 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
                             extra = extra_loss(hooks, net)
                         (loss + extra / len(window) if extra is not None else loss).backward()
                     total += float(loss.detach())
+                total = rt.all_mean(total)  # Σ over ranks of Σ_b loss_sum / n: the window's mean loss
                 grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
                              if cfg.train.max_grad_norm > 0 else None)
-                guard.check_step(prog.step + 1, total, grad_norm, scheduler.get_last_lr()[0], params)  # before the update
+                guard.check_step(prog.step + 1, total, None if grad_norm is None else rt.scalar(grad_norm), scheduler.get_last_lr()[0], params)  # before the update
                 optimizer.step()
                 scheduler.step()
                 after_step(hooks, prog.step)  # before zero_grad: AdaLoRA scores use this step's gradients
                 optimizer.zero_grad(set_to_none=True)
                 prog.micro_done += len(idx)
                 prog.step += 1
-                units = sum(obj.size(b) for b in window)
+                units = rt.all_sum(sum(obj.size(b) for b in window))
                 prog.tokens += units
                 units_this_run += units
                 losses.append(total)
@@ -181,22 +204,21 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
                                        "tokens_per_s": round(units_this_run / elapsed, 1),
                                        "elapsed_s": round(elapsed, 2)}
                 if grad_norm is not None:
-                    rec["grad_norm"] = round(float(grad_norm), 5)
+                    rec["grad_norm"] = round(rt.scalar(grad_norm), 5)
                 if cfg.train.eval_every and prog.step % cfg.train.eval_every == 0 and splits.eval:
                     ev = obj.evaluate(model, splits, rt, stage="during")
                     rec.update({k: round(v, 6) if isinstance(v, float) else v for k, v in ev.items()})
                 _log_step(metrics, rec, bar, cfg.train.log_every if bar.disable and rt.is_main else 0, total_steps)
                 if cfg.train.save_every and prog.step % cfg.train.save_every == 0:
-                    guard.check_params(model, prog.step)  # checkpoints are finite: the last one is the last good state
-                    save_checkpoint(out_dir, prog.step, model, optimizer, scheduler, asdict(prog), hooks)
-                if stop.raised or (stop_after_steps is not None and prog.step >= stop_after_steps):
+                    checkpoint()
+                # every rank stops after the same step (a signal may reach one rank first)
+                if rt.any(stop.raised or (stop_after_steps is not None and prog.step >= stop_after_steps)):
                     interrupted = True
                     break
             if not interrupted:
                 prog.epoch, prog.micro_done = prog.epoch + 1, 0
         bar.close()
-        guard.check_params(model, prog.step)
-        save_checkpoint(out_dir, prog.step, model, optimizer, scheduler, asdict(prog), hooks)
+        checkpoint()
     train_seconds = time.perf_counter() - t_train
     if interrupted:
         log.warning("stopped at step %d/%d; continue with --resume --set output_dir=%s", prog.step, total_steps,
@@ -204,10 +226,16 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
         return RunResult(out_dir, {"interrupted_at_step": prog.step, "output_dir": str(out_dir)}, losses, True)
 
     rt.restore_dtypes(upcast)
-    obj.save(model, out_dir)
+    with rt.gathered(model, main_only=True):  # FSDP2: the whole adapter / model, on rank 0
+        if rt.is_main:
+            obj.save(model, out_dir)
+    rt.barrier()
     # A model passed in is the caller's afterwards; one built here is dropped when run() returns.
-    with merged_for_inference(model, restore_exact=passed_in):
-        after = obj.evaluate(model, splits, rt, stage="after", out_dir=out_dir, progress=progress)
+    with merged_for_inference(model, restore_exact=passed_in) if rt.can_merge else contextlib.nullcontext():
+        after = obj.evaluate(model, splits, rt, stage="after", out_dir=main_dir, progress=progress)
+    peaks = rt.all_gather(round(rt.peak_memory_mb(), 1))
+    if not rt.is_main:
+        return RunResult(out_dir, {}, losses, interrupted)
     from .plots import plot_losses
 
     plot_losses(metrics_path, out_dir / "loss.png")
@@ -217,9 +245,13 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
         "all_params": report["total"], "trainable_percent": round(float(report["percent"]), 4),  # type: ignore[arg-type]
         "steps": prog.step, "train_tokens": prog.tokens, "train_seconds": round(train_seconds, 2),
         "tokens_per_s": round(units_this_run / max(train_seconds, 1e-9), 1),
-        "wall_seconds": round(time.perf_counter() - t_start, 2), "peak_memory_mb": round(rt.peak_memory_mb(), 1),
+        "wall_seconds": round(time.perf_counter() - t_start, 2), "peak_memory_mb": peaks[0],
         "data": splits.info, "final_loss": round(losses[-1], 6) if losses else last_logged_loss(metrics_path),  # as metrics.jsonl
     }
+    if rt.world > 1:
+        summary["processes"] = rt.world
+        summary["strategy"] = getattr(rt, "strategy", None)
+        summary["peak_memory_mb_per_rank"] = peaks
     storage = _storage_report(model)
     if storage:
         summary["storage_bytes"] = storage
@@ -227,11 +259,15 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
     return RunResult(out_dir, summary, losses, interrupted)
 
 
-def _make_run_dir(cfg: TrainConfig, out_dir: Path) -> None:
+def _make_run_dir(cfg: TrainConfig, out_dir: Path, is_main: bool = True) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
+    if not is_main:  # only rank 0 writes files
+        return
     with contextlib.suppress(FileNotFoundError):
         (out_dir / "error.txt").unlink()  # a resumed run that fails again writes a new one
-    atomic_write_bytes(out_dir / "config.json", json.dumps(to_dict(cfg), indent=2).encode())
+    # "processes": how many shared the global batch (rundir.claim lets --resume change grad_accum with it)
+    stored = {**to_dict(cfg), "processes": int(os.environ.get("WORLD_SIZE", "1"))}
+    atomic_write_bytes(out_dir / "config.json", json.dumps(stored, indent=2).encode())
 
 
 def _log_step(metrics: Any, rec: dict[str, Any], bar: Any, log_every: int, total: int) -> None:

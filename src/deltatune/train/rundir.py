@@ -33,7 +33,8 @@ __all__ = ["SAFE_TO_CHANGE", "RUN_FILES", "RunDirError", "claim", "config_change
 # Keys a resumed run may change: how long it runs, how it evaluates and logs, where it runs. A
 # longer max_steps stretches the lr schedule from the resumed step on (documented, not silent).
 SAFE_TO_CHANGE: tuple[str, ...] = ("train.max_steps", "train.epochs", "train.eval_every", "train.log_every",
-                                   "train.save_every", "eval.", "resume", "overwrite", "output_dir", "model.device")
+                                   "train.save_every", "eval.", "resume", "overwrite", "output_dir", "model.device",
+                                   "runtime.")
 
 # What a run writes into its directory; `overwrite` deletes exactly these.
 RUN_FILES: tuple[str, ...] = ("config.json", "checkpoints", "metrics.jsonl", "summary.json", "before.json",
@@ -58,6 +59,17 @@ def _flatten(d: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
 
 def _safe(key: str) -> bool:
     return any(key == s or (s.endswith(".") and key.startswith(s)) for s in SAFE_TO_CHANGE)
+
+
+def _same_global_batch(key: str, old: Any, new: Any, stored: Mapping[str, Any]) -> bool:
+    """train.grad_accum may change with the process count (torchrun) when the global batch,
+    grad_accum × processes, stays: the run then sees the same micro-batches (train/distributed.py)."""
+    import os
+
+    if key != "train.grad_accum":
+        return False
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(old) * int(stored.get("processes", 1)) == int(new) * world
 
 
 def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
@@ -88,7 +100,8 @@ def claim(cfg: Any, out_dir: Path) -> None:
             stored = json.loads(stored_path.read_text())
         except (OSError, ValueError) as e:
             raise RunDirError(f"{stored_path}: cannot be read ({e}); the run cannot be checked for --resume") from e
-        changes = [(k, o, n) for k, o, n in config_changes(stored, to_dict(cfg)) if not _safe(k)]
+        changes = [(k, o, n) for k, o, n in config_changes(stored, to_dict(cfg)) if not _safe(k)
+                   and not _same_global_batch(k, o, n, stored)]
         if changes:
             listed = "; ".join(f"{k}: {o!r} → {n!r}" for k, o, n in changes)
             raise RunDirError(

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import resource
 import signal
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -62,7 +63,9 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: nn.Module, hooks: Sequence[Any] = ()) -> nn.Module:
+        """``hooks``: the run's hooks (a distributed runtime keeps what they read between
+        forwards, e.g. AdaLoRA's matrices, whole on every rank)."""
         return model
 
     def shard(self, items: Sequence[T]) -> list[T]:
@@ -73,6 +76,44 @@ class Runtime:
 
     def no_sync(self, model: nn.Module, last: bool) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()
+
+    # -- more of the same for several processes (train/distributed.py); identities here ------------
+    can_merge = True  # adapters may merge into the base for evaluation (not when it is sharded)
+
+    def all_mean(self, x: float) -> float:
+        return x
+
+    def any(self, flag: bool) -> bool:
+        """True when ``flag`` is True on some rank (a stop request agreed at a step boundary)."""
+        return flag
+
+    def broadcast(self, obj: T) -> T:
+        return obj
+
+    def all_gather(self, obj: T) -> list[T]:
+        return [obj]
+
+    def barrier(self) -> None:
+        pass
+
+    def gathered(self, model: nn.Module, *, write_back: bool = False,
+                 main_only: bool = False) -> contextlib.AbstractContextManager[Any]:
+        """Sharded parameters as whole tensors inside the block (for saving and loading)."""
+        return contextlib.nullcontext()
+
+    def optimizer_view(self, optimizer: torch.optim.Optimizer) -> Any:
+        """The optimizer as checkpoints see it (whole-tensor state)."""
+        return optimizer
+
+    def scalar(self, t: torch.Tensor | float) -> float:
+        return float(t)
+
+    def rebind(self, model: nn.Module, params: list[nn.Parameter],
+               upcast: list[tuple[nn.Parameter, torch.dtype]]
+               ) -> tuple[list[nn.Parameter], list[tuple[nn.Parameter, torch.dtype]]]:
+        """``params`` / ``upcast`` (taken before :meth:`wrap`) as the wrapped model's parameters
+        (FSDP2 replaces each by a sharded one: clipping and casting must see those)."""
+        return params, upcast
 
     def to_device(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """Tensors to the run's device; pass-through columns (adapter names, flags) unchanged."""
@@ -114,6 +155,7 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.raised = False
+        self._first = 0.0
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> StopFlag:
@@ -123,9 +165,14 @@ class StopFlag:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.raised:  # a second Ctrl-C: stop now
+        # A second Ctrl-C stops now; but under torchrun one Ctrl-C arrives twice (the terminal's
+        # SIGINT, then the SIGTERM torchrun forwards), so a repeat within 2 s is the same request.
+        if self.raised and time.monotonic() - self._first > 2.0:
             raise KeyboardInterrupt
+        if self.raised:
+            return
         self.raised = True
+        self._first = time.monotonic()
         log.warning("signal %d: finishing the current step, writing a checkpoint, then exiting", signum)
 
     def __exit__(self, *exc: object) -> None:
