@@ -1,0 +1,251 @@
+"""Sequence classifiers: y = W_cls·pool(h_L) + b_cls on a pretrained backbone.
+
+The model is transformers' own ``AutoModelForSequenceClassification``: encoders (BERT, RoBERTa,
+DeBERTa, …) pool the first token (``classifier``), decoders (Llama/SmolLM2, GPT-2, …) the last
+non-pad token (``score``), found from ``config.pad_token_id`` — so the tokenizer gets a pad token
+(its eos when it has none) and the config its id.
+
+Model specs are those of :func:`deltatune.models.load_model`: ``default`` (SmolLM2 from its GGUF
+file, through the same dequantized HF cache directory — the classifier is built from the same
+weights), ``minilm`` (all-MiniLM-L6-v2), an HF directory, or a ``.gguf`` file.
+
+Files (PEFT's convention for ``task_type: "SEQ_CLS"``):
+
+- an adapter method writes its adapter directory as usual, plus the new head as a module to save:
+  ``adapter_config.json`` gets ``task_type: "SEQ_CLS"`` and the head's name in ``modules_to_save``,
+  the safetensors file the head's tensors (``base_model.model.score.weight``; prompt methods, whose
+  PEFT model has no inner wrapper, ``base_model.score.weight``), and ``labels.json`` the label map.
+  ``PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base,
+  num_labels=K), dir)`` then computes the same logits (tests/objectives/test_classify_peft.py);
+- full / partial / head runs write an HF directory (``save_pretrained``) with ``id2label``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data.labelled import LabelMap, read_label_map
+from .io import CONFIG_NAME, WEIGHTS_NAME, atomic_write_bytes
+
+log = logging.getLogger("deltatune.classify")
+
+__all__ = ["HEAD_NAMES", "LABELS_NAME", "classifier_head", "load_classifier", "load_classifier_adapter",
+           "save_classifier", "train_head"]
+
+HEAD_NAMES = ("classifier", "score")  # transformers' names, and the ones PEFT's SEQ_CLS saves
+LABELS_NAME = "labels.json"
+_PROMPT_TYPES = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING")
+_ADAPTER = "default"
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers reports the new head as 'newly initialized weights'; we say so once ourselves."""
+    from transformers.utils import logging as hf_logging
+
+    old, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # "Loading weights" for a model that loads in a second
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(old)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _hf_directory(spec: str) -> Path:
+    from .models import hf_directory
+
+    return hf_directory(spec)
+
+
+def load_classifier(spec: str, labels: LabelMap | None = None, *, dtype: str | torch.dtype = "auto",
+                    device: str | torch.device = "auto") -> tuple[nn.Module, Any]:
+    """``AutoModelForSequenceClassification`` (eval mode) and its tokenizer for a model spec.
+
+    ``labels``: the label map of a new head (K = len(labels) outputs, randomly initialised from the
+    model's ``initializer_range``, seeded by the caller's RNG); None loads a trained classifier as saved.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from .models import resolve_device, resolve_dtype
+
+    path = _hf_directory(spec)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    kw: dict[str, Any] = {"dtype": torch_dtype}
+    if labels is not None:
+        kw.update(num_labels=len(labels), id2label=labels.id2label, label2id=labels.label2id)
+    with _quiet_transformers():
+        model: Any = AutoModelForSequenceClassification.from_pretrained(path, **kw)
+    model.config.problem_type = "single_label_classification"
+    if tokenizer.pad_token is None:  # GPT-2, Llama-family tokenizers: pad with eos (as PEFT's examples do)
+        if tokenizer.eos_token is None:
+            raise ValueError(f"{path}: the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+        tokenizer.pad_token = tokenizer.eos_token
+    # Decoders pool the last token that is not config.pad_token_id: it must be the tokenizer's pad.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.to(device=dev, dtype=torch_dtype)
+    model.eval()
+    head_path, head = classifier_head(model)
+    log.info("classifier on %s (%s): head %r %s, %d labels", spec, type(model).__name__, head_path,
+             tuple(head.weight.shape) if isinstance(getattr(head, "weight", None), torch.Tensor) else "",
+             model.config.num_labels)
+    return model, tokenizer
+
+
+def classifier_head(model: nn.Module) -> tuple[str, nn.Module]:
+    """(name, module) of the classification head: the model's child named 'classifier' or 'score'."""
+    for name in HEAD_NAMES:
+        module = getattr(model, name, None)
+        if isinstance(module, nn.Module):
+            return name, module
+    children = [n for n, _ in model.named_children()]
+    raise ValueError(f"{type(model).__name__} has no classification head named {' or '.join(HEAD_NAMES)} "
+                     f"(children: {children}); use an AutoModelForSequenceClassification model")
+
+
+def train_head(model: nn.Module) -> nn.Module:
+    """Make the new head train beside whatever the method trains (call after the method's apply).
+
+    A plain model (strategies full / partial / head) trains the head's own parameters; a model with
+    adapters gets the head as a per-adapter copy (``ModulesToSave``, PEFT's ``modules_to_save``), so
+    the base's head stays as loaded and the adapter file carries the trained one. Returns the head.
+    """
+    from .inject import ModulesToSave
+
+    name, head = classifier_head(model)
+    if getattr(model, "deltatune_state", None) is None:
+        head.requires_grad_(True)
+        return head
+    wrapper = head if isinstance(head, ModulesToSave) else ModulesToSave(head)
+    if _ADAPTER not in wrapper.modules_to_save:
+        wrapper.add(_ADAPTER)
+    wrapper.active = _ADAPTER
+    wrapper.modules_to_save[_ADAPTER].requires_grad_(True)
+    if wrapper is not head:
+        wrapper.train(head.training)
+        setattr(model, name, wrapper)
+    return wrapper
+
+
+def _head_state(model: nn.Module) -> tuple[str, dict[str, torch.Tensor]]:
+    from .inject import ModulesToSave
+
+    name, head = classifier_head(model)
+    if isinstance(head, ModulesToSave):
+        head = head.modules_to_save[head.active or _ADAPTER]
+    return name, {k: v.detach().contiguous().cpu().clone() for k, v in head.state_dict().items()}
+
+
+def _head_prefix(peft_type: str) -> str:
+    # PEFT keys a module to save by its path inside the PeftModel: prompt methods wrap the HF model
+    # directly (base_model.<path>), the others through a tuner model (base_model.model.<path>).
+    return "base_model." if peft_type in _PROMPT_TYPES else "base_model.model."
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors.torch import load
+
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    meta = json.loads(raw[8 : 8 + n]).get("__metadata__") or {}
+    return load(raw), dict(meta)
+
+
+def _write_labels(out: Path, model: nn.Module) -> None:
+    labels = read_label_map(getattr(model, "config", None))
+    data = {"id2label": {str(i): n for i, n in labels.id2label.items()}, "label2id": labels.label2id,
+            "pad_token_id": getattr(getattr(model, "config", None), "pad_token_id", None)}
+    atomic_write_bytes(out / LABELS_NAME, (json.dumps(data, indent=2) + "\n").encode())
+
+
+def save_classifier(model: nn.Module, tokenizer: Any, out: Path) -> Path:
+    """Write ``out/adapter`` (adapter methods) or ``out/model`` (full / partial / head); returns it."""
+    from safetensors.torch import save
+
+    from .io import save_adapter
+
+    if getattr(model, "deltatune_state", None) is None:
+        target = out / "model"
+        hf: Any = model
+        hf.save_pretrained(target, safe_serialization=True)
+        tokenizer.save_pretrained(target)
+        return target
+    target = save_adapter(model, out / "adapter")
+    config = json.loads((target / CONFIG_NAME).read_text())
+    peft_type = str(config.get("peft_type", "LORA"))
+    name, state = _head_state(model)
+    tensors, meta = _read_safetensors(target / WEIGHTS_NAME)
+    tensors.update({f"{_head_prefix(peft_type)}{name}.{k}": v for k, v in state.items()})
+    atomic_write_bytes(target / WEIGHTS_NAME, save(tensors, metadata=meta))
+    config["task_type"] = "SEQ_CLS"
+    config["modules_to_save"] = sorted({*(config.get("modules_to_save") or []), name})
+    atomic_write_bytes(target / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    _write_labels(target, model)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+def adapter_labels(path: str | Path) -> LabelMap:
+    """The label map saved beside a classifier adapter (``labels.json``)."""
+    f = Path(path) / LABELS_NAME
+    if not f.is_file():
+        raise ValueError(f"{f}: not found; a classifier adapter directory holds {LABELS_NAME} (written by "
+                         "deltatune train with objective 'classify')")
+    data = json.loads(f.read_text())
+    return read_label_map(type("C", (), {"id2label": data.get("id2label") or {}}))
+
+
+def load_classifier_adapter(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a SEQ_CLS adapter directory (any method) onto a classifier: the adapter through
+    :func:`deltatune.io.load_adapter`, the head's tensors into a per-adapter copy of the head."""
+    from safetensors.torch import save
+
+    from .io import load_adapter
+
+    src = Path(path)
+    config = json.loads((src / CONFIG_NAME).read_text())
+    name, head = classifier_head(model)
+    prefix = _head_prefix(str(config.get("peft_type", "LORA"))) + name + "."
+    tensors, meta = _read_safetensors(src / WEIGHTS_NAME)
+    head_state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if not head_state:
+        raise ValueError(f"{src / WEIGHTS_NAME}: no tensors of the classifier head {name!r} (keys starting "
+                         f"with {prefix!r}); was it saved by a classification run?")
+    missing = set(head.state_dict()) - set(head_state)
+    if missing:
+        raise ValueError(f"{src / WEIGHTS_NAME}: the classifier head {name!r} lacks {sorted(missing)}")
+    for k, v in head_state.items():
+        want = head.state_dict()[k].shape
+        if tuple(v.shape) != tuple(want):
+            raise ValueError(f"{src / WEIGHTS_NAME}: {prefix}{k} has shape {list(v.shape)} but the model's head "
+                             f"has {list(want)} (num_labels differs?)")
+    rest = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
+    config["modules_to_save"] = [m for m in config.get("modules_to_save") or [] if m != name] or None
+    # The method's own loader reads a directory; give it the adapter without the head.
+    tmp = Path(tempfile.mkdtemp(prefix=".classifier-adapter-"))
+    try:
+        (tmp / WEIGHTS_NAME).write_bytes(save(rest, metadata=meta))
+        (tmp / CONFIG_NAME).write_text(json.dumps(config))
+        load_adapter(model, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    wrapper = train_head(model)
+    copy: Any = wrapper.modules_to_save[_ADAPTER]  # type: ignore[index]
+    dtype = next(iter(copy.state_dict().values())).dtype
+    copy.load_state_dict({k: v.to(dtype) for k, v in head_state.items()})
+    copy.requires_grad_(False)
+    return model
