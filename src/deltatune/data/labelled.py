@@ -13,7 +13,6 @@ error naming its location.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,9 +161,3 @@ def load_labelled(path: str | Path, cfg: ClassifyConfig) -> list[LabelledExample
         raise DataError(f"{path}: no records")
     return labelled_from_records(records, cfg)
 
-
-def describe(labels: LabelMap, examples: Sequence[LabelledExample]) -> str:
-    counts = {n: 0 for n in labels.names}
-    for ex in examples:
-        counts[ex.label] = counts.get(ex.label, 0) + 1
-    return json.dumps(counts)
