@@ -292,12 +292,26 @@ COMMANDS = {"train": cmd_train, "generate": cmd_generate, "merge": cmd_merge, "e
             "quantize": cmd_quantize}
 
 
+# Import-time messages of libraries that transformers pulls in when they happen to be installed, which
+# a deltatune user can neither act on nor avoid: torchao (imported by transformers' quantizer table)
+# logs that its optional CUDA/mxfp8 extensions and triton are missing, and registers Enums with
+# torch's pytree, which logs a deprecation. Their own errors still show; `-v` shows everything.
+_IMPORT_NOISE_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
+def _quiet_third_party() -> None:
+    for name in _IMPORT_NOISE_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("transformers", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not args.verbose:
+        _quiet_third_party()
     try:
         return COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, OSError) as e:

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import resource
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -191,10 +192,36 @@ class _StopFlag:
 def run(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer: Any = None, progress: bool = True,
         stop_after_steps: int | None = None) -> RunResult:
     """Train as ``cfg`` says. ``model``/``tokenizer`` may be passed in (tests, notebooks) instead of
-    loading ``cfg.model.spec``. ``stop_after_steps`` simulates an interruption (checkpoint + return)."""
-    t_start = time.perf_counter()
+    loading ``cfg.model.spec``. ``stop_after_steps`` simulates an interruption (checkpoint + return).
+
+    A run that fails leaves no half-made run directory behind: one this call created and that holds
+    no checkpoint yet is removed; otherwise ``error.txt`` in it says why the run stopped."""
     out_dir = Path(cfg.output_dir) if cfg.resume else cfg.resolve_output_dir()
+    existed = out_dir.exists()
+    try:
+        return _run(cfg, out_dir, model, tokenizer, progress, stop_after_steps)
+    except BaseException as e:
+        _record_failure(out_dir, existed, e)
+        raise
+
+
+def _record_failure(out_dir: Path, existed: bool, error: BaseException) -> None:
+    if not out_dir.is_dir():
+        return
+    if not existed and latest_checkpoint(out_dir) is None:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        return
+    message = f"{type(error).__name__}: {error}\n" if str(error) else f"{type(error).__name__}\n"
+    with contextlib.suppress(OSError):
+        atomic_write_bytes(out_dir / "error.txt", message.encode())
+
+
+def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: Any, progress: bool,
+         stop_after_steps: int | None) -> RunResult:
+    t_start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        (out_dir / "error.txt").unlink()  # a resumed run that fails again writes a new one
     atomic_write_bytes(out_dir / "config.json", json.dumps(to_dict(cfg), indent=2).encode())
     method = get_method(cfg.method)
     torch.manual_seed(cfg.train.seed)
