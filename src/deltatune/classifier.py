@@ -34,12 +34,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data.labelled import LabelMap, read_label_map
+from .data.labelled import LabelMap, label_map_from_id2label, read_label_map
 from .io import CONFIG_NAME, WEIGHTS_NAME, atomic_write_bytes
 
 log = logging.getLogger("deltatune.classify")
 
-__all__ = ["HEAD_NAMES", "LABELS_NAME", "classifier_head", "load_classifier", "load_classifier_adapter",
+__all__ = ["HEAD_NAMES", "LABELS_NAME", "adapter_labels", "classifier_head", "evaluate_file", "is_classifier",
+           "load_classifier", "load_classifier_adapter",
            "save_classifier", "train_head"]
 
 HEAD_NAMES = ("classifier", "score")  # transformers' names, and the ones PEFT's SEQ_CLS saves
@@ -205,8 +206,7 @@ def adapter_labels(path: str | Path) -> LabelMap:
     if not f.is_file():
         raise ValueError(f"{f}: not found; a classifier adapter directory holds {LABELS_NAME} (written by "
                          "deltatune train with objective 'classify')")
-    data = json.loads(f.read_text())
-    return read_label_map(type("C", (), {"id2label": data.get("id2label") or {}}))
+    return label_map_from_id2label(json.loads(f.read_text()).get("id2label") or {}, str(f))
 
 
 def load_classifier_adapter(model: nn.Module, path: str | Path) -> nn.Module:
@@ -249,3 +249,40 @@ def load_classifier_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     copy.load_state_dict({k: v.to(dtype) for k, v in head_state.items()})
     copy.requires_grad_(False)
     return model
+
+
+def is_classifier(model_spec: str, adapter: str | Path | None = None) -> bool:
+    """Whether ``deltatune eval`` is looking at a classifier: a SEQ_CLS adapter, or a model directory
+    saved as ``*ForSequenceClassification``."""
+    if adapter is not None:
+        cfg = Path(adapter) / CONFIG_NAME
+        return (Path(adapter) / LABELS_NAME).is_file() or (
+            cfg.is_file() and json.loads(cfg.read_text()).get("task_type") == "SEQ_CLS")
+    config = Path(model_spec) / "config.json"
+    if not config.is_file():
+        return False
+    return any(str(a).endswith("ForSequenceClassification")
+               for a in json.loads(config.read_text()).get("architectures") or [])
+
+
+def evaluate_file(model_spec: str, adapter: str | Path | None, data: str | Path, cfg: Any,
+                  batch_size: int = 64, dtype: str = "auto") -> dict[str, Any]:
+    """Accuracy, macro-F1, confusion matrix and mean loss of a classifier (a model directory, or a
+    base + SEQ_CLS adapter) on a labelled file; ``cfg`` is a :class:`ClassifyConfig` (field names)."""
+    from .data.labelled import load_labelled
+    from .objectives.classify import encode_examples, predict
+    from .objectives.metrics import classification_metrics
+    from .train.runtime import Runtime
+
+    if adapter is not None:
+        labels = adapter_labels(adapter)
+        model, tok = load_classifier(model_spec, labels, dtype=dtype)
+        load_classifier_adapter(model, adapter)
+    else:
+        model, tok = load_classifier(model_spec, None, dtype=dtype)
+        labels = read_label_map(model.config)
+    rows, truncated = encode_examples(load_labelled(data, cfg), labels, tok, cfg.max_length)
+    rt = Runtime(next(model.parameters()).device, bf16=False)
+    preds, mean_loss = predict(model, rows, int(tok.pad_token_id), batch_size, rt, progress=True)
+    metrics = classification_metrics([int(r["label"]) for r in rows], preds, labels.names)
+    return {"examples": len(rows), "truncated": truncated, "eval_loss": mean_loss, **metrics}

@@ -20,8 +20,8 @@ from typing import Any
 
 from deltatune.train.data import DataError, read_records
 
-__all__ = ["ClassifyConfig", "LabelMap", "LabelledExample", "label_key", "labelled_from_records",
-           "load_labelled", "read_label_map"]
+__all__ = ["ClassifyConfig", "LabelMap", "LabelledExample", "label_key", "label_map_from_id2label",
+           "labelled_from_records", "load_labelled", "read_label_map"]
 
 
 def _doc(text: str) -> dict[str, Any]:
@@ -118,13 +118,17 @@ class LabelMap:
         return ids[ex.label]
 
 
-def read_label_map(config: Any) -> LabelMap:
-    """The label map stored in an HF config (``id2label``; keys may be ints or JSON strings)."""
-    id2label = getattr(config, "id2label", None) or {}
+def label_map_from_id2label(id2label: Mapping[Any, Any], where: str = "id2label") -> LabelMap:
+    """A LabelMap from an ``id2label`` mapping (keys ints, or their strings as JSON writes them)."""
     pairs = sorted((int(k), str(v)) for k, v in dict(id2label).items())
     if [i for i, _ in pairs] != list(range(len(pairs))):
-        raise ValueError(f"config.id2label ids are not 0..{len(pairs) - 1}: {dict(id2label)}")
+        raise ValueError(f"{where}: label ids are not 0..{len(pairs) - 1}: {dict(id2label)}")
     return LabelMap(tuple(v for _, v in pairs))
+
+
+def read_label_map(config: Any) -> LabelMap:
+    """The label map stored in an HF config (``config.id2label``)."""
+    return label_map_from_id2label(getattr(config, "id2label", None) or {}, "config.id2label")
 
 
 def _text(rec: Mapping[str, Any], key: str, source: str) -> str:

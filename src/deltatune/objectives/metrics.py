@@ -38,7 +38,7 @@ def classification_metrics(gold: Sequence[int], pred: Sequence[int], labels: Seq
     return {
         "accuracy": sum(confusion[i][i] for i in range(k)) / n if n else 0.0,
         "macro_f1": sum(f1.values()) / k if k else 0.0,
-        "examples": n,
+        "eval_examples": n,
         "f1": f1,
         "labels": list(labels),
         "confusion": confusion,
