@@ -101,9 +101,9 @@ def load_classifier(spec: str, labels: LabelMap | None = None, *, dtype: str | t
     model.to(device=dev, dtype=torch_dtype)
     model.eval()
     head_path, head = classifier_head(model)
-    log.info("classifier on %s (%s): head %r %s, %d labels", spec, type(model).__name__, head_path,
-             tuple(head.weight.shape) if isinstance(getattr(head, "weight", None), torch.Tensor) else "",
-             model.config.num_labels)
+    head_params = sum(p.numel() for p in head.parameters())
+    log.info("classifier on %s (%s): head %r (%d params), %d labels", spec, type(model).__name__, head_path,
+             head_params, model.config.num_labels)
     return model, tokenizer
 
 
@@ -281,7 +281,9 @@ def evaluate_file(model_spec: str, adapter: str | Path | None, data: str | Path,
     else:
         model, tok = load_classifier(model_spec, None, dtype=dtype)
         labels = read_label_map(model.config)
-    rows, truncated = encode_examples(load_labelled(data, cfg), labels, tok, cfg.max_length)
+    # Not beyond the model's positions (BERT: 512), whatever the CLI's causal-LM default is.
+    limit = int(getattr(model.config, "max_position_embeddings", None) or cfg.max_length)
+    rows, truncated = encode_examples(load_labelled(data, cfg), labels, tok, min(cfg.max_length, limit))
     rt = Runtime(next(model.parameters()).device, bf16=False)
     preds, mean_loss = predict(model, rows, int(tok.pad_token_id), batch_size, rt, progress=True)
     metrics = classification_metrics([int(r["label"]) for r in rows], preds, labels.names)

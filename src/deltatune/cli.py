@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dtype", default="auto", help="load dtype = dtype of the kept weights (auto/bf16/fp32)")
     q.add_argument("--compute-dtype", default="auto", help="bnb_4bit_compute_dtype written to the config")
 
-    e = sub.add_parser("eval", help="loss/perplexity and exact match on a data file")
+    e = sub.add_parser("eval", help="loss/perplexity and exact match on a data file (a classifier: accuracy, "
+                                    "macro-F1, confusion matrix)")
     e.add_argument("--data", required=True, help="JSONL/JSON/CSV/Parquet in text/alpaca/chat/sharegpt shape")
     e.add_argument("--model", default="default")
     e.add_argument("--adapter")
@@ -92,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-new-tokens", type=int, default=128)
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--no-generate", action="store_true", help="loss/perplexity only")
+    e.add_argument("--text-field", default="text", help="classifier data: the text column")
+    e.add_argument("--label-field", default="label", help="classifier data: the label column")
+    e.add_argument("--text-pair-field", help="classifier data: a second text column (sentence pairs)")
 
     i = sub.add_parser("info", help="what an adapter or model directory holds (bytes by storage type)")
     i.add_argument("path")
@@ -131,6 +135,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if "exact_match" in a:
         print(f"exact match on {s['data']['eval_rows']} held-out examples: {pct(b)} before → {pct(a)} after")
+    if "accuracy" in a:
+        def acc(d: dict[str, Any]) -> str:
+            return f"{100 * d['accuracy']:.1f}% (macro-F1 {d['macro_f1']:.3f})" if "accuracy" in d else "—"
+
+        print(f"accuracy on {s['data']['eval_rows']} held-out examples: {acc(b)} before → {acc(a)} after")
     if "eval_loss" in a:
         print(f"held-out loss: {loss(b)} → {loss(a)}")
     print(f"trainable params: {s['trainable_params']:,d} of {s['all_params']:,d} ({s['trainable_percent']:.3f}%)  "
@@ -224,6 +233,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .classifier import is_classifier
+
+    if is_classifier(args.model, args.adapter):
+        return _eval_classifier(args)
     from .objectives.causal_lm import eval_loss
     from .tasks import score_exact_match
     from .train.data import load_examples, prompt_and_reference, tokenize_examples
@@ -246,6 +259,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                batch_size=args.batch_size)
         res["exact_match"] = score_exact_match(preds, [r for _, r in pairs])
     print(json.dumps(res, indent=2))
+    return 0
+
+
+def _eval_classifier(args: argparse.Namespace) -> int:
+    from .classifier import evaluate_file
+    from .data.labelled import ClassifyConfig
+
+    fields = ClassifyConfig(text_field=args.text_field, label_field=args.label_field,
+                            text_pair_field=args.text_pair_field, max_length=args.max_length)
+    print(json.dumps(evaluate_file(args.model, args.adapter, args.data, fields, args.batch_size), indent=2))
     return 0
 
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from .objectives.base import Objective
 from .objectives.causal_lm import CausalLM
+from .objectives.classify import Classify
 from .train.hooks import Hook, RunInfo
 
 __all__ = ["Method", "METHODS", "OBJECTIVES", "method_names", "get_method", "get_objective", "block_list",
@@ -59,7 +60,9 @@ def _apply_qlora(model: nn.Module, cfg: Any, info: RunInfo) -> list[Hook]:
     # dtype. Compute runs in the dtype the model was loaded in (bf16 where the hardware has it:
     # bf16 matmuls on a CPU without AVX512-BF16 are far slower than fp32).
     compute = next(model.parameters()).dtype
-    quantize_model(model, compute_dtype=compute if compute.is_floating_point else torch.float32)
+    # A sequence classifier's head ('score'/'classifier') is new and trains: it stays in full precision too.
+    quantize_model(model, compute_dtype=compute if compute.is_floating_point else torch.float32,
+                   skip_modules=("lm_head", "score", "classifier"))
     # transformers loads weights as views of the checkpoint's mmap; the kept embedding/norms would
     # hold the whole mapping, with every page quantize_model read, resident (measured: +300 MiB RSS
     # on SmolLM2-135M). Own copies release it.
@@ -105,9 +108,14 @@ def untie_output_head(model: nn.Module) -> nn.Module | None:
     return head
 
 
+def _classifier_head(model: nn.Module) -> nn.Module | None:
+    """A sequence classifier's head, its child 'score' or 'classifier' (get_output_embeddings() has none)."""
+    return next((m for n in ("score", "classifier") if isinstance(m := getattr(model, n, None), nn.Module)), None)
+
+
 def _apply_head(model: nn.Module, cfg: Any, info: RunInfo) -> list[Hook]:
     model.requires_grad_(False)
-    head = untie_output_head(model)
+    head = untie_output_head(model) or _classifier_head(model)
     if head is None:
         raise ValueError(f"method 'head': {type(model).__name__} has no output head (get_output_embeddings())")
     head.requires_grad_(True)
@@ -194,6 +202,7 @@ METHODS: dict[str, Method] = {
 
 OBJECTIVES: dict[str, type[Objective]] = {
     "causal_lm": CausalLM,
+    "classify": Classify,
 }
 
 

@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from deltatune.config import load_config
 from deltatune.registry import METHODS
@@ -113,7 +119,6 @@ def test_run_trains_saves_and_reloads(tiny_dirs: dict[str, Path], data: tuple[Pa
 def test_every_method_trains_the_head_two_steps(tiny_dirs: dict[str, Path], data: tuple[Path, Path],
                                                 tmp_path: Path, method: str) -> None:
     from deltatune.classifier import load_classifier
-
     from deltatune.data.labelled import LabelMap
 
     torch.manual_seed(0)

@@ -59,7 +59,8 @@ def load_topic_split(num_train: int, num_eval: int, path: Path | None = None
     """(train, held-out) examples: prefixes of the fixed split described in the module docstring."""
     path = path or data_file()
     data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    train, held = [], []
+    train: list[LabelledExample] = []
+    held: list[LabelledExample] = []
     for title in sorted(data, key=_digest):
         rec = data[title]
         topic, text = rec.get("topic"), rec.get("extract")

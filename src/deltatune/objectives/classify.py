@@ -125,7 +125,9 @@ class Classify(Objective):
 
     def setup(self, cfg: Any, rt: Runtime, *, model: nn.Module | None = None,
               processor: Any = None) -> tuple[nn.Module, Any, Splits]:
-        ccfg: ClassifyConfig = cfg.classify
+        from ..train.config import section
+
+        ccfg = section(cfg, "classify", ClassifyConfig)
         train, held, source = self._examples(cfg, ccfg)
         labels = LabelMap.from_labels(ex.label for ex in train)
         if model is None or processor is None:
