@@ -3,6 +3,7 @@ Llama-style backbones saved as HF directories), and the label errors of a run.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -169,3 +170,19 @@ def test_real_models_on_the_builtin_task(spec: str, method: str, tmp_path: Path)
     s = run(load_config(TrainConfig, None, sets), progress=False).summary
     assert len(s["after"]["labels"]) == 11 and s["after"]["eval_examples"] == 24
     assert (tmp_path / ("adapter" if method == "lora" else "model")).is_dir()
+
+
+@pytest.mark.parametrize("method", ["lora", "head"])
+def test_resume_equals_uninterrupted(tiny_dirs: dict[str, Path], data: tuple[Path, Path], tmp_path: Path,
+                                     method: str) -> None:
+    """The head's per-adapter copy (or the plain head) is in the checkpoint: a resumed run's losses
+    and final metrics equal an uninterrupted run's."""
+    extra = ("train.max_steps=4", "eval.before=false", "train.batch_size=4")
+    full = run(_cfg(tiny_dirs["bert"], data, tmp_path / "full", method, *extra), progress=False)
+    part = _cfg(tiny_dirs["bert"], data, tmp_path / "part", method, *extra)
+    first = run(part, progress=False, stop_after_steps=2)
+    assert first.interrupted
+    rest = run(dataclasses.replace(part, resume=True), progress=False)
+    torch.testing.assert_close(torch.tensor(first.losses + rest.losses), torch.tensor(full.losses))
+    assert rest.summary["after"]["accuracy"] == full.summary["after"]["accuracy"]
+
