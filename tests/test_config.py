@@ -21,7 +21,8 @@ from deltatune.config import (
     to_dict,
 )
 from deltatune.methods.lora_config import LoraConfig
-from deltatune.train.config import TRAIN_METHODS, TrainConfig
+from deltatune.registry import METHODS
+from deltatune.train.config import TrainConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -200,7 +201,7 @@ def test_missing_docs_detects_undocumented_fields() -> None:
 
 def test_train_config_defaults_and_validation() -> None:
     cfg = TrainConfig()
-    assert cfg.method == "lora" and cfg.method in TRAIN_METHODS
+    assert cfg.method == "lora" and cfg.method in METHODS
     assert isinstance(cfg.lora, LoraConfig)
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.target_modules) == (16, 32.0, "all-linear")
     assert cfg.data.train_file is None and (cfg.data.num_train, cfg.data.num_eval) == (320, 40)
@@ -237,7 +238,7 @@ def test_shipped_configs_exist() -> None:
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_shipped_config_parses(path: Path) -> None:
     cfg = from_dict(TrainConfig, load_yaml(path), where=str(path))
-    assert cfg.method in TRAIN_METHODS
+    assert cfg.method in METHODS
 
 
 def test_default_yaml_is_exactly_the_defaults() -> None:

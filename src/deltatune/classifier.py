@@ -25,8 +25,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,7 +33,8 @@ import torch
 from torch import nn
 
 from .data.labelled import LabelMap, label_map_from_id2label, read_label_map
-from .io import CONFIG_NAME, WEIGHTS_NAME, atomic_write_bytes
+from .io import CONFIG_NAME, atomic_write_bytes
+from .structure import CLASSIFIER_HEADS
 
 log = logging.getLogger("deltatune.classify")
 
@@ -43,9 +42,8 @@ __all__ = ["HEAD_NAMES", "LABELS_NAME", "adapter_labels", "classifier_head", "ev
            "load_classifier", "load_classifier_adapter",
            "save_classifier", "train_head"]
 
-HEAD_NAMES = ("classifier", "score")  # transformers' names, and the ones PEFT's SEQ_CLS saves
+HEAD_NAMES = CLASSIFIER_HEADS
 LABELS_NAME = "labels.json"
-_PROMPT_TYPES = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING")
 _ADAPTER = "default"
 
 
@@ -142,30 +140,6 @@ def train_head(model: nn.Module) -> nn.Module:
     return wrapper
 
 
-def _head_state(model: nn.Module) -> tuple[str, dict[str, torch.Tensor]]:
-    from .inject import ModulesToSave
-
-    name, head = classifier_head(model)
-    if isinstance(head, ModulesToSave):
-        head = head.modules_to_save[head.active or _ADAPTER]
-    return name, {k: v.detach().contiguous().cpu().clone() for k, v in head.state_dict().items()}
-
-
-def _head_prefix(peft_type: str) -> str:
-    # PEFT keys a module to save by its path inside the PeftModel: prompt methods wrap the HF model
-    # directly (base_model.<path>), the others through a tuner model (base_model.model.<path>).
-    return "base_model." if peft_type in _PROMPT_TYPES else "base_model.model."
-
-
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors.torch import load
-
-    raw = path.read_bytes()
-    n = int.from_bytes(raw[:8], "little")
-    meta = json.loads(raw[8 : 8 + n]).get("__metadata__") or {}
-    return load(raw), dict(meta)
-
-
 def _write_labels(out: Path, model: nn.Module) -> None:
     labels = read_label_map(getattr(model, "config", None))
     data = {"id2label": {str(i): n for i, n in labels.id2label.items()}, "label2id": labels.label2id,
@@ -175,8 +149,6 @@ def _write_labels(out: Path, model: nn.Module) -> None:
 
 def save_classifier(model: nn.Module, tokenizer: Any, out: Path) -> Path:
     """Write ``out/adapter`` (adapter methods) or ``out/model`` (full / partial / head); returns it."""
-    from safetensors.torch import save
-
     from .io import save_adapter
 
     if getattr(model, "deltatune_state", None) is None:
@@ -185,15 +157,9 @@ def save_classifier(model: nn.Module, tokenizer: Any, out: Path) -> Path:
         hf.save_pretrained(target, safe_serialization=True)
         tokenizer.save_pretrained(target)
         return target
-    target = save_adapter(model, out / "adapter")
+    target = save_adapter(model, out / "adapter")  # the head goes in as a module to save (any method)
     config = json.loads((target / CONFIG_NAME).read_text())
-    peft_type = str(config.get("peft_type", "LORA"))
-    name, state = _head_state(model)
-    tensors, meta = _read_safetensors(target / WEIGHTS_NAME)
-    tensors.update({f"{_head_prefix(peft_type)}{name}.{k}": v for k, v in state.items()})
-    atomic_write_bytes(target / WEIGHTS_NAME, save(tensors, metadata=meta))
-    config["task_type"] = "SEQ_CLS"
-    config["modules_to_save"] = sorted({*(config.get("modules_to_save") or []), name})
+    config["task_type"] = "SEQ_CLS"  # PEFT then builds PeftModelForSequenceClassification
     atomic_write_bytes(target / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     _write_labels(target, model)
     tokenizer.save_pretrained(target)
@@ -210,45 +176,16 @@ def adapter_labels(path: str | Path) -> LabelMap:
 
 
 def load_classifier_adapter(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load a SEQ_CLS adapter directory (any method) onto a classifier: the adapter through
-    :func:`deltatune.io.load_adapter`, the head's tensors into a per-adapter copy of the head."""
-    from safetensors.torch import save
-
+    """Load a SEQ_CLS adapter directory (any method) onto a classifier: the adapter and, as a module
+    to save, the trained head (:func:`deltatune.io.load_adapter` does both)."""
     from .io import load_adapter
 
-    src = Path(path)
-    config = json.loads((src / CONFIG_NAME).read_text())
-    name, head = classifier_head(model)
-    prefix = _head_prefix(str(config.get("peft_type", "LORA"))) + name + "."
-    tensors, meta = _read_safetensors(src / WEIGHTS_NAME)
-    head_state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    if not head_state:
-        raise ValueError(f"{src / WEIGHTS_NAME}: no tensors of the classifier head {name!r} (keys starting "
-                         f"with {prefix!r}); was it saved by a classification run?")
-    missing = set(head.state_dict()) - set(head_state)
-    if missing:
-        raise ValueError(f"{src / WEIGHTS_NAME}: the classifier head {name!r} lacks {sorted(missing)}")
-    for k, v in head_state.items():
-        want = head.state_dict()[k].shape
-        if tuple(v.shape) != tuple(want):
-            raise ValueError(f"{src / WEIGHTS_NAME}: {prefix}{k} has shape {list(v.shape)} but the model's head "
-                             f"has {list(want)} (num_labels differs?)")
-    rest = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
-    config["modules_to_save"] = [m for m in config.get("modules_to_save") or [] if m != name] or None
-    # The method's own loader reads a directory; give it the adapter without the head.
-    tmp = Path(tempfile.mkdtemp(prefix=".classifier-adapter-"))
-    try:
-        (tmp / WEIGHTS_NAME).write_bytes(save(rest, metadata=meta))
-        (tmp / CONFIG_NAME).write_text(json.dumps(config))
-        load_adapter(model, tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    wrapper = train_head(model)
-    copy: Any = wrapper.modules_to_save[_ADAPTER]  # type: ignore[index]
-    dtype = next(iter(copy.state_dict().values())).dtype
-    copy.load_state_dict({k: v.to(dtype) for k, v in head_state.items()})
-    copy.requires_grad_(False)
-    return model
+    name, _ = classifier_head(model)
+    config = json.loads((Path(path) / CONFIG_NAME).read_text())
+    if name not in (config.get("modules_to_save") or []):
+        raise ValueError(f"{Path(path) / CONFIG_NAME}: modules_to_save {config.get('modules_to_save')} lacks the "
+                         f"classifier head {name!r}; was it saved by a classification run?")
+    return load_adapter(model, path)
 
 
 def is_classifier(model_spec: str, adapter: str | Path | None = None) -> bool:

@@ -89,9 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default="default")
     e.add_argument("--adapter")
     e.add_argument("--format", default="auto")
-    e.add_argument("--max-length", type=int, default=1024)
-    e.add_argument("--max-new-tokens", type=int, default=128)
-    e.add_argument("--batch-size", type=int, default=16)
+    # Defaults: EvalConfig's and DataConfig's (what `deltatune train` evaluates with), shown in --help.
+    e.add_argument("--max-length", type=int, default=None, help="tokens per example (default: data.max_length)")
+    e.add_argument("--max-new-tokens", type=int, default=None, help="default: eval.max_new_tokens")
+    e.add_argument("--batch-size", type=int, default=None, help="default: eval.batch_size")
     e.add_argument("--no-generate", action="store_true", help="loss/perplexity only")
     e.add_argument("--text-field", default="text", help="classifier data: the text column")
     e.add_argument("--label-field", default="label", help="classifier data: the label column")
@@ -239,24 +240,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _eval_classifier(args)
     from .objectives.causal_lm import eval_loss
     from .tasks import score_exact_match
+    from .train.config import DataConfig, EvalConfig
     from .train.data import load_examples, prompt_and_reference, tokenize_examples
     from .train.evaluate import generate_texts
     from .train.runtime import Runtime
 
+    ecfg, dcfg = EvalConfig(), DataConfig()
+    batch_size = args.batch_size or ecfg.batch_size
     model, tok = _load(args.model, args.adapter)
     if args.adapter:
         from . import merge
 
         merge(model)
     loaded = load_examples(args.data, args.format)
-    rows, _, _ = tokenize_examples(loaded.examples, tok, args.max_length, True)
+    rows, _, _ = tokenize_examples(loaded.examples, tok, args.max_length or dcfg.max_length, dcfg.completion_only_loss)
     rt = Runtime(next(model.parameters()).device, bf16=False)
     res: dict[str, Any] = {"examples": len(loaded.examples)}
-    res.update(eval_loss(model, rows, int(tok.pad_token_id), args.batch_size, rt))
+    res.update(eval_loss(model, rows, int(tok.pad_token_id), batch_size, rt))
     pairs = [p for p in map(prompt_and_reference, loaded.examples) if p is not None]
     if pairs and not args.no_generate:
-        preds = generate_texts(model, tok, [p for p, _ in pairs], max_new_tokens=args.max_new_tokens,
-                               batch_size=args.batch_size)
+        preds = generate_texts(model, tok, [p for p, _ in pairs], max_new_tokens=args.max_new_tokens or ecfg.max_new_tokens,
+                               batch_size=batch_size)
         res["exact_match"] = score_exact_match(preds, [r for _, r in pairs])
     print(json.dumps(res, indent=2))
     return 0
@@ -280,35 +284,22 @@ def cmd_info(args: argparse.Namespace) -> int:
 
         print("\n".join(describe_checkpoint(args.path)))
         return 0
+    from .registry import kind_for_peft_type
+
     f = read_adapter_info(args.path)
     cfg = f.config
-    modules: dict[str, dict[str, Any]] = {}
-    total = 0
-    for key, t in f.tensors.items():
-        total += t.numel()
-        body = key.removeprefix("base_model.model.")
-        for tag in (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B"):
-            if body.endswith(tag):
-                info = modules.setdefault(body[: -len(tag)], {"params": 0})
-                info["params"] += t.numel()
-                if "A" in tag:
-                    info["rank"] = t.shape[0]
+    kind = kind_for_peft_type(str(cfg.get("peft_type", "LORA")), f.directory)
+    head, *modules = kind.describe(f)
+    total = sum(t.numel() for t in f.tensors.values())
     print(f"adapter: {f.directory}")
-    print(f"method: {cfg.get('peft_type', '?')}  r={cfg.get('r')}  alpha={cfg.get('lora_alpha')}  "
-          f"rslora={cfg.get('use_rslora', False)}  dropout={cfg.get('lora_dropout', 0)}  bias={cfg.get('bias')}")
+    print(head)
     print(f"base: {cfg.get('base_model_name_or_path')}")
     if f.fingerprint:
+        checked = f.fingerprint.get("modules") or f.fingerprint.get("blocks") or {}
         print(f"base fingerprint: {f.fingerprint.get('architecture')} ({f.fingerprint.get('model_type')}), "
-              f"{len(f.fingerprint.get('modules', {}))} adapted modules with shapes and checksums")
+              f"{len(checked)} base modules with shapes/checksums")
     print(f"tensors: {len(f.tensors)}, parameters: {total:,d}, modules_to_save: {cfg.get('modules_to_save')}")
-    ranks: dict[int, int] = {}
-    for info in modules.values():
-        ranks[info.get("rank", 0)] = ranks.get(info.get("rank", 0), 0) + 1
-    print(f"adapted modules: {len(modules)}; ranks: {dict(sorted(ranks.items()))}")
-    for name, info in list(modules.items())[:8]:
-        print(f"  {name}: r={info.get('rank')} params={info['params']:,d}")
-    if len(modules) > 8:
-        print(f"  … {len(modules) - 8} more")
+    print("\n".join(modules))
     return 0
 
 

@@ -26,6 +26,7 @@ from ..train.data import IGNORE_INDEX, PreparedData, Tokenized, collate, prepare
 from .base import Batch, Objective, Splits, Stage
 
 if TYPE_CHECKING:
+    from ..testing import TinyCase
     from ..train.runtime import Runtime
 
 log = logging.getLogger("deltatune.train")
@@ -166,6 +167,26 @@ class CausalLM(Objective):
                 atomic_write_bytes(out_dir / f"predictions_{stage}.jsonl", ("\n".join(lines) + "\n").encode())
         log.info("%s training: %s", stage, {k: v for k, v in out.items() if k != "examples"})
         return out
+
+    @classmethod
+    def tiny_case(cls) -> TinyCase:
+        from transformers import AutoModelForCausalLM
+
+        from ..testing import TinyCase, build_tiny_tokenizer, make_tiny_llama
+
+        tok = build_tiny_tokenizer()
+        ids = torch.randint(4, len(tok), (2, 9), generator=torch.Generator().manual_seed(0))
+
+        def make() -> nn.Module:
+            return make_tiny_llama(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+
+        def outputs(model: nn.Module) -> torch.Tensor:
+            with torch.no_grad():
+                return cast(torch.Tensor, model(input_ids=ids).logits)
+
+        # The built-in task, 4 training rows; no generation (exact match is tested in tests/train).
+        sets = ["data.num_train=4", "data.num_eval=2", "eval.exact_match=false", "eval.batch_size=2"]
+        return TinyCase(make, tok, sets, outputs, lambda d: AutoModelForCausalLM.from_pretrained(d))
 
     def save(self, model: nn.Module, out_dir: Path) -> None:
         from ..registry import get_method

@@ -32,6 +32,7 @@ from .base import Batch, Objective, Splits, Stage
 from .metrics import classification_metrics, plot_confusion
 
 if TYPE_CHECKING:
+    from ..testing import TinyCase
     from ..train.runtime import Runtime
 
 log = logging.getLogger("deltatune.train")
@@ -175,6 +176,39 @@ class Classify(Objective):
         from ..classifier import train_head
 
         train_head(model)
+
+    @classmethod
+    def tiny_case(cls) -> TinyCase:
+        """Tiny Llama classifier (3 labels) and 6 records written to a temporary directory."""
+        import json
+        import tempfile
+
+        from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+
+        from ..testing import TinyCase, build_tiny_tokenizer
+
+        tok = build_tiny_tokenizer()
+        d = Path(tempfile.mkdtemp(prefix="deltatune-classify-tiny-"))
+        recs = [("ball goal team", "sport"), ("bread soup rice", "food"), ("song drum piano", "music"),
+                ("goal match ball", "sport"), ("cake bread", "food"), ("choir song", "music")]
+        for name, part in (("train", recs[:4]), ("eval", recs[4:])):
+            (d / f"{name}.jsonl").write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in part))
+        labels = LabelMap(("food", "music", "sport"))
+        enc = tok(["ball goal team", "song"], padding=True, return_tensors="pt")  # a padded row: pooling matters
+
+        def make() -> nn.Module:
+            torch.manual_seed(0)
+            config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+                                 num_labels=3, id2label=labels.id2label, label2id=labels.label2id)
+            return LlamaForSequenceClassification(config).float().eval()
+
+        def outputs(model: nn.Module) -> torch.Tensor:
+            with torch.no_grad():
+                return model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits  # type: ignore[no-any-return]
+
+        sets = [f"data.train_file={d / 'train.jsonl'}", f"data.eval_file={d / 'eval.jsonl'}", "eval.batch_size=2"]
+        return TinyCase(make, tok, sets, outputs, lambda p: AutoModelForSequenceClassification.from_pretrained(p))
 
     def collate(self, rows: Sequence[Any]) -> Batch:
         return collate_rows(rows, self.pad)

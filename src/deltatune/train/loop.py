@@ -17,9 +17,11 @@ the losses after resuming equal an uninterrupted run's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +33,7 @@ from tqdm import tqdm
 
 from ..config import to_dict
 from ..io import atomic_write_bytes
-from ..registry import get_method, get_objective
+from ..registry import apply_method, get_objective
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import epoch_batches
@@ -64,16 +66,41 @@ class _Progress:  # what a checkpoint records of where the run is
 def run(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer: Any = None, progress: bool = True,
         stop_after_steps: int | None = None) -> RunResult:
     """Train as ``cfg`` says. ``model``/``tokenizer`` (or processor) may be passed in (tests, notebooks)
-    instead of being built from ``cfg.model``. ``stop_after_steps`` simulates an interruption."""
+    instead of being built from ``cfg.model``. ``stop_after_steps`` simulates an interruption.
+
+    A run that fails leaves no half-made run directory behind: one this call created and that holds
+    no checkpoint yet is removed; otherwise ``error.txt`` in it says why the run stopped."""
+    out_dir = Path(cfg.output_dir) if cfg.resume else cfg.resolve_output_dir()
+    existed = out_dir.exists()
+    try:
+        return _run(cfg, out_dir, model, tokenizer, progress, stop_after_steps)
+    except BaseException as e:
+        _record_failure(out_dir, existed, e)
+        raise
+
+
+def _record_failure(out_dir: Path, existed: bool, error: BaseException) -> None:
+    if not out_dir.is_dir():
+        return
+    if not existed and latest_checkpoint(out_dir) is None:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        return
+    message = f"{type(error).__name__}: {error}\n" if str(error) else f"{type(error).__name__}\n"
+    with contextlib.suppress(OSError):
+        atomic_write_bytes(out_dir / "error.txt", message.encode())
+
+
+def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: Any, progress: bool,
+         stop_after_steps: int | None) -> RunResult:
     t_start = time.perf_counter()
-    method, obj = get_method(cfg.method), get_objective(cfg.objective)(cfg)
+    obj = get_objective(cfg.objective)(cfg)
     torch.manual_seed(cfg.train.seed)
     passed_in = model is not None and tokenizer is not None
     rt = Runtime.create(cfg.train.bf16, next(model.parameters()).device if model is not None and passed_in
                         else cfg.model.device)
     model, processor, splits = obj.setup(cfg, rt, model=model if passed_in else None,
                                          processor=tokenizer if passed_in else None)
-    out_dir = _run_dir(cfg)  # made only now that the model and the data are ready
+    _make_run_dir(cfg, out_dir)  # only now that the model and the data are ready
     ckpt = latest_checkpoint(out_dir) if cfg.resume else None
     before: dict[str, Any] = {}
     if ckpt is not None and (out_dir / "before.json").exists():
@@ -85,7 +112,7 @@ def run(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer: Any = No
     per_epoch = max(1, math.ceil(len(splits.train) / cfg.train.batch_size) // cfg.train.grad_accum)
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else per_epoch * cfg.train.epochs
     info = RunInfo(total_steps=total_steps, steps_per_epoch=per_epoch, world=rt.world, processor=processor)
-    hooks = check_hooks(method.apply(model, cfg, info) + regularisers(cfg, obj, model, splits))
+    hooks = check_hooks(apply_method(model, cfg, info) + regularisers(cfg, obj, model, splits))
     obj.after_apply(model)  # e.g. a classifier's new head trains under every method
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -194,11 +221,11 @@ def run(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer: Any = No
     return RunResult(out_dir, summary, losses, interrupted)
 
 
-def _run_dir(cfg: TrainConfig) -> Path:
-    out_dir = Path(cfg.output_dir) if cfg.resume else cfg.resolve_output_dir()
+def _make_run_dir(cfg: TrainConfig, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        (out_dir / "error.txt").unlink()  # a resumed run that fails again writes a new one
     atomic_write_bytes(out_dir / "config.json", json.dumps(to_dict(cfg), indent=2).encode())
-    return out_dir
 
 
 def _log_step(metrics: Any, rec: dict[str, Any], bar: Any, log_every: int, total: int) -> None:
