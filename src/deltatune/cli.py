@@ -269,10 +269,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _eval_classifier(args: argparse.Namespace) -> int:
     from .classifier import evaluate_file
     from .data.labelled import ClassifyConfig
+    from .train.config import EvalConfig
 
+    # Defaults are the config's: classify.max_length, eval.batch_size.
     fields = ClassifyConfig(text_field=args.text_field, label_field=args.label_field,
-                            text_pair_field=args.text_pair_field, max_length=args.max_length)
-    print(json.dumps(evaluate_file(args.model, args.adapter, args.data, fields, args.batch_size), indent=2))
+                            text_pair_field=args.text_pair_field, max_length=args.max_length or ClassifyConfig().max_length)
+    res = evaluate_file(args.model, args.adapter, args.data, fields, args.batch_size or EvalConfig().batch_size)
+    print(json.dumps(res, indent=2))
     return 0
 
 

@@ -182,7 +182,7 @@ def test_model_directory_loads_in_transformers(base: tuple[str, Path], strategy:
     model, tok = load_classifier(str(base_dir), LABELS, dtype="fp32", device="cpu")
     model.requires_grad_(strategy == "full")
     if strategy == "partial":
-        from deltatune.registry import block_list
+        from deltatune.structure import block_list
 
         block_list(model)[1][-1].requires_grad_(True)
     head = train_head(model)

@@ -183,7 +183,11 @@ class Classify(Objective):
         import json
         import tempfile
 
-        from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+        from transformers import (
+            AutoModelForSequenceClassification,
+            LlamaConfig,
+            LlamaForSequenceClassification,
+        )
 
         from ..testing import TinyCase, build_tiny_tokenizer
 
@@ -199,8 +203,8 @@ class Classify(Objective):
         def make() -> nn.Module:
             torch.manual_seed(0)
             config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
-                                 num_labels=3, id2label=labels.id2label, label2id=labels.label2id)
+                                 num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id)
+            config.id2label, config.label2id = labels.id2label, labels.label2id  # 3 labels
             return LlamaForSequenceClassification(config).float().eval()
 
         def outputs(model: nn.Module) -> torch.Tensor:
