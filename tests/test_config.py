@@ -98,7 +98,7 @@ def test_partial_section_keeps_the_parents_defaults() -> None:
 
 
 def test_post_init_errors_are_wrapped_with_source_and_section() -> None:
-    with pytest.raises(ConfigError, match=r"my.yaml: invalid 'lora': LoraConfig.r must be a positive"):
+    with pytest.raises(ConfigError, match=r"my.yaml: invalid 'lora': lora.r must be an integer >= 1"):
         from_dict(TrainConfig, {"lora": {"r": 0}}, where="my.yaml")
 
 
@@ -140,7 +140,7 @@ def test_apply_overrides() -> None:
         ("lora.lora_alpha=4", "did you mean 'lora.alpha'"),  # PEFT's spelling
         ("train.lr.x=1", "'train.lr' is a float value, not a section"),
         ("train.lr", "must look like 'section.key=value'"),
-        ("lora.r=-1", "LoraConfig.r must be a positive integer"),
+        ("lora.r=-1", "lora.r must be an integer >= 1"),
         ("train.lr=abc", "'train.lr' expects float"),
     ],
 )

@@ -25,18 +25,39 @@ from deltatune.train.hooks import RunInfo
 from deltatune.train.loop import run
 
 # Small settings per method (the matrix checks the plumbing; the method tests check the maths).
+# Target modules: "all-linear", which every model family has (Llama's q_proj, BERT's query …).
 SMALL: dict[str, list[str]] = {
-    "lora": ["lora.r=2", "lora.target_modules=[q_proj,v_proj]"],
-    "qlora": ["lora.r=2", "lora.target_modules=[q_proj,v_proj]"],
-    "dora": ["lora.r=2", "lora.target_modules=[q_proj,v_proj]"],
-    "vera": ["vera.r=4"],
-    "adalora": ["adalora.init_r=4", "adalora.target_r=2"],
+    "lora": ["lora.r=2"],
+    "qlora": ["lora.r=2"],
+    "dora": ["lora.r=2"],
+    "vera": ["vera.r=4", "vera.target_modules=all-linear"],
+    "adalora": ["adalora.init_r=4", "adalora.target_r=2", "adalora.target_modules=all-linear"],
     "full": [], "head": [], "partial": ["partial.top_n_layers=1"],
     "bottleneck": ["bottleneck.r=4"],
     "prompt_tuning": ["prompt.num_virtual_tokens=3"],
     "prefix_tuning": ["prompt.num_virtual_tokens=3", "prompt.projection=true"],  # the MLP, folded when saved
     "p_tuning_v2": ["prompt.num_virtual_tokens=3"],
+    "mix": [],  # + mix.adapters: two LoRA adapters made for the case's model (_mix_sources)
 }
+
+
+def _mix_sources(case: TinyCase, tmp_path: Path) -> list[str]:
+    """Two non-zero LoRA adapters of the case's base model, for method 'mix' to mix."""
+    from deltatune.methods.lora_config import LoraConfig
+
+    paths = []
+    for i in range(2):
+        m = case.make_model()
+        torch.manual_seed(10 + i)
+        deltatune.inject(m, LoraConfig(r=2, target_modules="all-linear"))
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+        paths.append(str(deltatune.save_adapter(m, tmp_path / f"source{i}")))
+    return [f"mix.adapters=[{','.join(paths)}]"]
+
+
 COMMON = ["model.dtype=fp32", "train.max_steps=2", "train.batch_size=2", "train.lr=1e-2", "train.bf16=false",
           "eval.before=false"]
 
@@ -67,9 +88,10 @@ def _losses(run_dir: Path) -> list[float]:
 @pytest.mark.parametrize("objective", list(OBJECTIVES))
 def test_pair(objective: str, method: str, tmp_path: Path) -> None:
     case = _case(objective)
+    small = SMALL[method] + (_mix_sources(case, tmp_path) if method == "mix" else [])
 
     def cfg(out: Path, *extra: str) -> Any:
-        sets = [f"objective={objective}", f"method={method}", *COMMON, *case.overrides, *SMALL[method],
+        sets = [f"objective={objective}", f"method={method}", *COMMON, *case.overrides, *small,
                 f"output_dir={out}", *extra]
         return load_config(TrainConfig, None, sets)
 

@@ -15,13 +15,14 @@ import deltatune
 from deltatune.cli import _train_help, main
 from deltatune.config import load_config
 from deltatune.quant.linear4bit import Linear4bit
-from deltatune.registry import ADAPTERS, METHODS, apply_method, kind_of, sections
+from deltatune.registry import ADAPTERS, METHODS, OBJECTIVES, apply_method, kind_of, sections
 from deltatune.testing import make_tiny_llama
 from deltatune.train.config import TrainConfig
 from deltatune.train.hooks import RunInfo
 
 ROOT = Path(__file__).resolve().parents[1]
-ADAPTER_METHODS = [m for m, row in METHODS.items() if row.saves == "adapter"]
+# 'mix' needs adapters to mix: tests/test_matrix.py and tests/compose cover it.
+ADAPTER_METHODS = [m for m, row in METHODS.items() if row.saves == "adapter" and m != "mix"]
 SMALL = {"lora": ["lora.r=2", "lora.target_modules=[q_proj,v_proj]"], "qlora": ["lora.r=2"], "dora": ["lora.r=2"],
          "vera": ["vera.r=4"], "adalora": ["adalora.init_r=4", "adalora.target_r=2"], "bottleneck": ["bottleneck.r=4"],
          "prompt_tuning": ["prompt.num_virtual_tokens=3"], "prefix_tuning": ["prompt.num_virtual_tokens=3"],
@@ -38,6 +39,8 @@ def test_readme_help_and_registry_list_the_same_methods() -> None:
     help_block = _train_help().split("Methods (--set method=NAME):\n")[1].split("\n\n")[0]
     in_help = [line.split()[0] for line in help_block.splitlines()]
     assert in_help == list(METHODS)
+    objectives = _train_help().split("Objectives (--set objective=NAME):\n")[1].split("\n\n")[0]
+    assert [line.split()[0] for line in objectives.splitlines()] == list(OBJECTIVES)
     assert sorted(_readme_methods()) == sorted(METHODS)
 
 
@@ -121,7 +124,7 @@ def test_eval_uses_eval_config_defaults(model_dir: Path, tmp_path: Path, monkeyp
                                         capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
-    from deltatune.train import evaluate
+    from deltatune import generate as evaluate
     from deltatune.train.config import EvalConfig
 
     seen: dict[str, Any] = {}

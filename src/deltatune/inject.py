@@ -105,6 +105,12 @@ def _pattern_value(patterns: dict[str, int] | dict[str, float], name: str) -> in
     return None
 
 
+def pattern_or(patterns: dict[str, int] | dict[str, float], name: str, default: float) -> float:
+    """The pattern's value for ``name``, else ``default`` (not ``value or default``: 0 is a value)."""
+    value = _pattern_value(patterns, name)
+    return default if value is None else value
+
+
 _INTERNAL = re.compile(
     r"\.(base_layer|lora_A|lora_B|lora_magnitude_vector|lora_initial|original_module|modules_to_save)(\.|$)")
 
@@ -122,6 +128,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     heads = _output_head_names(model)
     spec = config.target_modules
     found: list[str] = []
+    layer_ids: set[int] = set()  # block indices of modules the targets matched (for the error below)
     for name, module in _user_modules(model):
         if isinstance(module, ModulesToSave):
             continue
@@ -138,6 +145,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             continue
         if config.layers_to_transform is not None:
             m = _LAYER_INDEX.match(name)
+            if m is not None:
+                layer_ids.add(int(m.group(1)))
             if m is None or int(m.group(1)) not in config.layers_to_transform:
                 continue
         if kind is None:
@@ -146,6 +155,11 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
                 "nn.Embedding and nn.Conv2d (groups=1)"
             )
         found.append(name)
+    if not found and layer_ids:  # the targets matched; the block indices left nothing
+        raise ValueError(
+            f"layers_to_transform={config.layers_to_transform} selects no block of {type(model).__name__}: "
+            f"its targeted blocks are numbered {min(layer_ids)}..{max(layer_ids)}"
+        )
     if not found:
         leaf_names = sorted({n.split(".")[-1] for n, m in _user_modules(model)
                              if supported_base(m.base_layer if isinstance(m, LoraLayer) else m)})
@@ -186,8 +200,8 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Mo
         module = model.get_submodule(path)
         layer = module if isinstance(module, LoraLayer) else LoraLayer(module)
         layer = dora.upgrade(layer) if config.use_dora else layer
-        r = int(_pattern_value(config.rank_pattern, path) or config.r)
-        alpha = float(_pattern_value(config.alpha_pattern, path) or config.alpha)
+        r = int(pattern_or(config.rank_pattern, path, config.r))
+        alpha = float(pattern_or(config.alpha_pattern, path, config.alpha))
         a_init = config.init if config.init in INIT_SCHEMES else "kaiming"  # PiSSA/OLoRA overwrite A, B
         layer.add(name, r, alpha, dropout=config.dropout, rslora=config.use_rslora, init=a_init)
         lora_init.initialise(layer, name, config.init)
@@ -262,6 +276,7 @@ def lora_set_active(model: nn.Module, names: list[str]) -> None:
     model.requires_grad_(False)
     for _, layer in lora_layers(model):
         layer.active = [n for n in names if n in layer.adapters]
+        layer.weights = {}  # plain activation: every λ = 1 (compose.set_weighted sets others)
         for n in layer.adapters:
             for p in _adapter_params(layer, n):
                 p.requires_grad_(n in names)

@@ -33,6 +33,7 @@ from .inject import (
 from .methods import dora, lora_init
 from .methods.lora import LoraLayer, base_shape, supported_base, weight_checksum
 from .methods.lora_config import LoraConfig
+from .validate import check_tensors
 
 __all__ = ["save_adapter", "load_adapter", "AdapterFileError", "AdapterMismatchError", "fingerprint",
            "read_adapter_info", "atomic_write_bytes"]
@@ -56,16 +57,21 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file in the same directory + rename (never half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    from .fsutil import default_mode
+
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, default_mode())  # mkstemp makes 0600; an output follows the umask
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with _suppress():
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # a full disk: say which file
+            raise OSError(e.errno, f"{e.strerror or e} (the previous file is kept)", str(path)) from e
         raise
 
 
@@ -97,6 +103,16 @@ def fingerprint(model: nn.Module, paths: list[str]) -> dict[str, Any]:
     }
 
 
+def base_name_or_path(model: nn.Module) -> str | None:
+    """What adapter files record as ``base_model_name_or_path``: the name ``load_model`` gave the
+    base (the Hub id of the default model, else the resolved spec path), else the config's
+    ``_name_or_path``; None only for a model built from a bare config."""
+    named = getattr(model, "deltatune_base_name", None)
+    if isinstance(named, str) and named:
+        return named
+    return getattr(getattr(model, "config", None), "_name_or_path", None) or None
+
+
 def _task_type(model: nn.Module) -> str | None:
     return "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None
 
@@ -107,7 +123,7 @@ def _peft_config(model: nn.Module, cfg: LoraConfig, ranks: dict[str, int], alpha
     differ from the defaults go into rank_pattern/alpha_pattern with escaped paths as patterns."""
     import re
 
-    name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    name_or_path = base_name_or_path(model)
     kinds = [layer.kind for p, layer in lora_layers(model) if p in ranks]
     return {
         "peft_type": "LORA",
@@ -166,16 +182,33 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model: nn.Module, path: str | Path, name: str | None = None) -> Path:
-    """Write adapter ``name`` (default: the active one) as a PEFT-compatible directory."""
+    """Write adapter ``name`` (default: the active one) as a PEFT-compatible directory.
+
+    The files are written in a temporary sibling directory (fsynced, modes per the umask) and
+    renamed into place, so a crash or a full disk never leaves half an adapter (fsutil.atomic_dir)."""
     state = get_state(model)
     name = name or (state.active[0] if state.active else next(iter(state.configs)))
     if name not in state.configs:
         raise ValueError(f"no adapter named {name!r}; this model has {sorted(state.configs)}")
+    from .fsutil import atomic_dir, merge_into_dir
     from .registry import kind_of
 
-    kind = kind_of(state.configs[name])
-    out = kind.save(model, Path(path), name)
-    _save_modules_to_save(model, out, name, with_tensors=kind.name != "lora")  # LoRA's file has them already
+    kind, out = kind_of(state.configs[name]), Path(path)
+
+    def write(d: Path) -> None:
+        kind.save(model, d, name)
+        _save_modules_to_save(model, d, name, with_tensors=kind.name != "lora")  # LoRA's file has them already
+
+    if out.is_dir() and any(out.iterdir()):
+        # A directory that already holds files (an earlier save, a README): build the adapter in a
+        # temporary sibling, then move each file in with an atomic rename; other files stay.
+        staging = out.parent / f".{out.name}.new"
+        with atomic_dir(staging, replaceable=lambda _: True, what="adapter directory") as tmp:
+            write(tmp)
+        merge_into_dir(staging, out)
+        return out
+    with atomic_dir(out, what="adapter directory") as tmp:
+        write(tmp)
     return out
 
 
@@ -217,7 +250,7 @@ def _read_metadata(path: Path) -> dict[str, str]:
 
 
 def save_lora(model: nn.Module, path: Path, name: str) -> Path:
-    """:func:`save_adapter` for a LoRA (DoRA, PiSSA …) adapter: PEFT's LORA layout."""
+    """:func:`save_adapter` for a LoRA (DoRA, PiSSA …) adapter: PEFT's LORA layout, into ``path``."""
     cfg = get_state(model).configs[name]
     ranks = {p: layer.adapters[name].r for p, layer in lora_layers(model) if name in layer.adapters}
     alphas = {p: layer.adapters[name].alpha for p, layer in lora_layers(model) if name in layer.adapters}
@@ -336,6 +369,10 @@ def load_adapter(model: nn.Module, path: str | Path, name: str | None = None, *,
     changed; on any error the model is exactly as it was.
     """
     f = _read_dir(path)
+    try:  # NaN weights would merge into a NaN model; an int32 factor would be cast without a word
+        check_tensors(f.tensors, str(f.directory / WEIGHTS_NAME))
+    except ValueError as e:
+        raise AdapterFileError(str(e)) from None
     state = getattr(model, "deltatune_state", None)
     existing = set(getattr(state, "configs", {}) or {})
     name = name or "default"
@@ -402,7 +439,7 @@ def _load_modules_to_save(model: nn.Module, saved: dict[str, dict[str, torch.Ten
 def load_lora(model: nn.Module, f: AdapterFile, name: str, *, trainable: bool = False,
               activate: bool = True) -> nn.Module:
     """:func:`load_adapter` for a PEFT LORA file (validated completely before the model changes)."""
-    from .inject import _pattern_value
+    from .inject import pattern_or
 
     state = getattr(model, "deltatune_state", None)
     factors: dict[str, dict[str, torch.Tensor]] = {}
@@ -451,7 +488,7 @@ def load_lora(model: nn.Module, f: AdapterFile, name: str, *, trainable: bool = 
                     "the adapter was made for a different base model"
                 )
         r_file = parts[next(iter(expected))].shape[0]
-        r_cfg = int(_pattern_value(cfg.rank_pattern, mpath) or cfg.r)
+        r_cfg = int(pattern_or(cfg.rank_pattern, mpath, cfg.r))
         if r_file != r_cfg:
             raise AdapterFileError(f"{f.directory}: module {mpath!r} has rank {r_file} in the file but the config says {r_cfg}")
         if cfg.use_dora and tuple(magnitudes.get(mpath, torch.empty(0)).shape) != (base_shape(base)[1],):

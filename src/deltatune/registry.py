@@ -2,7 +2,8 @@
 
 ``METHODS``     ``method: NAME`` → its config section, ``apply``, what it saves, its adapter kind,
                 whether a 4-bit base is allowed. ``deltatune train --help``, the README's method table
-                and ``TrainConfig``'s sections read it (tests/test_matrix.py checks they agree).
+                and ``TrainConfig``'s sections read it (tests/test_registry.py::
+                test_readme_help_and_registry_list_the_same_methods checks they agree).
 ``ADAPTERS``    an adapter kind (one per config class kept in ``model.deltatune_state``) → its file
                 format (``peft_type`` values), save/load, merge/unmerge/unload, delete, set_active,
                 disable and ``describe`` (``deltatune info``). ``inject.py`` and ``io.py`` dispatch here.
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from . import describe, io
+from .compose.mix import MixConfig
 from .inject import (
     get_state,
     lora_delete,
@@ -47,6 +49,7 @@ from .methods.vera import VeraConfig
 from .objectives.base import Objective
 from .objectives.causal_lm import CausalLM
 from .objectives.classify import Classify
+from .objectives.dreambooth import DreamBooth
 from .train.hooks import Hook, RunInfo
 
 if TYPE_CHECKING:
@@ -97,6 +100,8 @@ class Method:
     quantizable: bool = True  # a 4-bit frozen base is allowed (model.quantize, a 4-bit checkpoint)
     base_quant: str = "none"  # an alias that implies model.quantize (qlora = lora + nf4)
     check: Callable[[Any], None] | None = None  # cross-section validation of a TrainConfig
+    # Writes the method's own files into the run directory instead of the default for `saves` (mix).
+    save: Callable[[nn.Module, Path], None] | None = None
 
 
 # ------------------------------------------------------------------------------------ sections
@@ -113,6 +118,7 @@ PROMPT = Section("prompt", PromptConfig, PromptConfig,
                  "Virtual-token settings (methods 'prompt_tuning', 'prefix_tuning', 'p_tuning_v2').")
 VERA = Section("vera", VeraConfig, VeraConfig, "VeRA settings (method 'vera').")
 ADALORA = Section("adalora", AdaLoraConfig, AdaLoraConfig, "AdaLoRA settings (method 'adalora').")
+MIX = Section("mix", MixConfig, MixConfig, "Learnable mixing weights over frozen LoRA adapters (method 'mix').")
 
 
 # ------------------------------------------------------------------------------------ adapter kinds
@@ -202,6 +208,19 @@ def _apply_bottleneck(model: nn.Module, cfg: Any, info: RunInfo) -> list[Hook]:
     return []
 
 
+def _apply_mix(model: nn.Module, cfg: Any, info: RunInfo) -> list[Hook]:
+    from .compose.mix import apply_mix
+
+    apply_mix(model, cfg.mix)
+    return []
+
+
+def _save_mix(model: nn.Module, out_dir: Path) -> None:
+    from .compose.mix import save_mix
+
+    save_mix(model, out_dir)
+
+
 def _prompt_apply(kind: str, projection: bool | None) -> Callable[[nn.Module, Any, RunInfo], list[Hook]]:
     """The three prompt methods share the ``prompt:`` section; the method picks the seam (and P-Tuning v2
     is prefix tuning without the MLP reparameterisation)."""
@@ -264,12 +283,15 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("p_tuning_v2", "P-Tuning v2: a deep prompt at every layer, as key/value prefixes without "
            "reparameterisation; trains l·L·2·d_kv", _prompt_apply("prefix", False), "adapter", PROMPT, _PROMPTS,
            check=_check_prefix("p_tuning_v2", projection_ok=False)),
+    Method("mix", "mixing weights: Σₙ λₙ·sₙ·Bₙ(Aₙx) over frozen LoRA adapters (mix.adapters); trains one λ "
+           "per adapter (× layer or module with mix.granularity)", _apply_mix, "adapter", MIX, _LORA, save=_save_mix),
 ]}
 
 
 OBJECTIVES: dict[str, type[Objective]] = {
     "causal_lm": CausalLM,
     "classify": Classify,
+    "dreambooth": DreamBooth,
 }
 
 QUANT_TYPES = ("none", "nf4", "fp4")

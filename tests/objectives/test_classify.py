@@ -19,10 +19,10 @@ from transformers import (
 )
 
 from deltatune.config import load_config
+from deltatune.data import DataError
 from deltatune.registry import METHODS
 from deltatune.testing import build_tiny_tokenizer
 from deltatune.train.config import TrainConfig
-from deltatune.train.data import DataError
 from deltatune.train.loop import run
 
 WORDS = {"sport": ["ball", "goal", "team", "match"], "food": ["bread", "soup", "rice", "cake"],

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from deltatune.data import DataError
 from deltatune.data.labelled import ClassifyConfig, LabelMap, load_labelled
 from deltatune.objectives.metrics import classification_metrics, plot_confusion
-from deltatune.train.data import DataError
 
 
 def _jsonl(path: Path, records: list[object]) -> Path:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deltatune.train.data import DataError, read_records
+from .records import DataError, read_records
 
 __all__ = ["ClassifyConfig", "LabelMap", "LabelledExample", "label_key", "label_map_from_id2label",
            "labelled_from_records", "load_labelled", "read_label_map"]

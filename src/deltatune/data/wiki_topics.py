@@ -24,9 +24,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from deltatune.train.data import DataError
-
 from .labelled import LabelledExample
+from .records import DataError
 
 __all__ = ["PACKAGE", "data_file", "load_topic_split"]
 

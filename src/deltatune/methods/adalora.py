@@ -88,7 +88,10 @@ class AdaLoraConfig:
             if not ok:
                 raise ValueError(f"adalora.{msg}")
 
+        from deltatune.validate import number
+
         check(self.init_r > 0, f"init_r must be a positive integer, got {self.init_r!r}")
+        number("adalora.alpha", self.alpha, gt=0, hint="s = alpha/init_r scales the update; 0 would train nothing")
         check(0 <= self.target_r <= self.init_r, f"target_r must be in [0, init_r={self.init_r}], got {self.target_r!r}")
         check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}")
         check(0.0 < self.beta1 < 1.0 and 0.0 < self.beta2 < 1.0, f"beta1/beta2 must be in (0, 1), got {self.beta1}, {self.beta2}")
@@ -453,7 +456,9 @@ def save_peft(model: nn.Module, path: Path, name: str) -> Path:
     paths = sorted(p for p, _ in layers)
     meta = {"format": "pt", "deltatune_fingerprint": json.dumps(fingerprint(model, paths)),
             "deltatune_orth_reg": cfg.orth_reg}
-    name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    from ..io import base_name_or_path
+
+    name_or_path = base_name_or_path(model)
     peft_cfg = {
         "peft_type": "ADALORA",
         "task_type": "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None,

@@ -61,7 +61,10 @@ def apply_partial(model: nn.Module, cfg: Any, info: RunInfo) -> list[Hook]:
     model.requires_grad_(False)
     pcfg: PartialConfig = cfg.partial
     _, blocks = block_list(model)
-    n = min(pcfg.top_n_layers, len(blocks))
+    if pcfg.top_n_layers > len(blocks):  # min() trained fewer blocks than asked without a word
+        raise ValueError(f"partial.top_n_layers={pcfg.top_n_layers}, but {type(model).__name__} has only "
+                         f"{len(blocks)} blocks: use at most {len(blocks)}")
+    n = pcfg.top_n_layers
     for block in list(blocks)[len(blocks) - n:]:
         block.requires_grad_(True)
     for name in pcfg.modules:

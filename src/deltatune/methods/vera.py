@@ -78,6 +78,9 @@ class VeraConfig:
             raise ValueError(f"vera.r must be a positive integer, got {self.r!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"vera.dropout must be in [0, 1), got {self.dropout!r}")
+        from deltatune.validate import number
+
+        number("vera.d_initial", self.d_initial, gt=0, hint="d scales every update; 0 would train nothing")
         if self.b_init not in ("zeros", "ones"):
             raise ValueError(f"vera.b_init must be 'zeros' or 'ones', got {self.b_init!r}")
         if isinstance(self.target_modules, list | tuple) and not self.target_modules:
@@ -287,7 +290,9 @@ def save_peft(model: nn.Module, path: Path, name: str) -> Path:
     paths = sorted(p for p, _ in layers)
     meta = {"format": "pt", "deltatune_fingerprint": json.dumps(fingerprint(model, paths)),
             "deltatune_b_init": cfg.b_init}
-    name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    from ..io import base_name_or_path
+
+    name_or_path = base_name_or_path(model)
     peft_cfg = {
         "peft_type": "VERA",
         "task_type": "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None,

@@ -1,7 +1,7 @@
 """``objective: causal_lm`` — supervised fine-tuning of a causal LM (the built-in demo's objective).
 
 Data: ``data:`` files or the built-in JSON-extraction task, tokenised with the chat template and
-prompts masked (``deltatune.train.data``). Loss unit: a label token (labels ≠ −100 after the causal
+prompts masked (``deltatune.data``). Loss unit: a label token (labels ≠ −100 after the causal
 shift). Evaluation: token-weighted held-out loss and perplexity, plus exact match of greedy replies
 against the references (``eval:``). Saved as a PEFT-layout adapter (adapter methods) or an HF model
 directory (full / head / partial), as the method's registry row says.
@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..train.data import IGNORE_INDEX, PreparedData, Tokenized, collate, prepare_data
+from ..data import PreparedData, Tokenized, collate, data_report, prepare_data
+from ..losses import IGNORE_INDEX, causal_loss_sum, causal_loss_tokens, token_loss_sum
 from .base import Batch, Objective, Splits, Stage
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("deltatune.train")
 
-__all__ = ["CausalLM", "token_loss_sum", "loss_tokens", "eval_loss"]
+__all__ = ["CausalLM", "model_loss_sum", "loss_tokens", "eval_loss"]
 
 # Model families whose logits are exactly lm_head(final hidden state): for these the head is applied
 # only at positions that carry a label (completion-only loss skips most prompt positions, and the
@@ -39,17 +39,9 @@ __all__ = ["CausalLM", "token_loss_sum", "loss_tokens", "eval_loss"]
 _PLAIN_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gpt2", "phi3", "olmo", "olmo2", "smollm3"}
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Σ cross-entropy over the positions whose label is not −100, in fp32 (bf16 logits sum exactly).
-
-    logits (..., V) and labels (...) already aligned (the causal shift done by the caller)."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
-
-
 def loss_tokens(batch: Mapping[str, torch.Tensor]) -> int:
     """Label tokens of a causal-LM batch: labels ≠ −100 after the one-position shift."""
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    return causal_loss_tokens(batch["labels"])
 
 
 def _output_head(model: nn.Module) -> nn.Module | None:
@@ -77,7 +69,7 @@ def _labelled_positions_only(head: nn.Module, keep: torch.Tensor) -> Iterator[No
         handle.remove()
 
 
-def causal_loss_sum(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def model_loss_sum(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Σ token cross-entropy over positions with a label (causal shift applied), through ``model(...)``."""
     labels = batch["labels"][:, 1:]  # (B, T-1): the token each position predicts
     head = _output_head(model)
@@ -86,8 +78,8 @@ def causal_loss_sum(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torc
         with _labelled_positions_only(head, keep):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (N, V)
         return token_loss_sum(logits, labels[keep])
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    return token_loss_sum(logits, labels)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return causal_loss_sum(logits, batch["labels"])
 
 
 @torch.no_grad()
@@ -101,7 +93,7 @@ def eval_loss(model: nn.Module, rows: Sequence[Tokenized], pad_id: int, batch_si
         for i in range(0, len(rows), batch_size):
             batch = rt.to_device(collate(cast(Sequence[Any], rows[i : i + batch_size]), pad_id))
             with rt.autocast():
-                total += float(causal_loss_sum(model, batch))
+                total += float(model_loss_sum(model, batch))
             count += loss_tokens(batch)
     finally:
         model.train(was)
@@ -120,13 +112,16 @@ class CausalLM(Objective):
 
             model, processor = load_model(cfg.model.spec, dtype=cfg.model.dtype, device=rt.device)
         data = prepare_data(cfg.data, processor)
-        log.info("data: %d train rows, %d eval rows (format %s, %d skipped, %d truncated)", len(data.train),
-                 len(data.eval), data.format, data.skipped, data.truncated)
+        line, problems = data_report(data)  # nothing vanishes silently: dropped/truncated rows named
+        log.info("%s", line)
+        for problem in problems:
+            log.warning("%s", problem)
         self.tokenizer = processor
         self.pad = int(processor.pad_token_id)
         info = {"format": data.format, "train_rows": len(data.train), "eval_rows": len(data.eval),
                 "skipped_records": data.skipped, "skipped_messages": data.skipped_messages,
-                "truncated": data.truncated}
+                "truncated": data.truncated, "dropped_records": data.dropped,
+                "dropped_sources": data.dropped_sources}
         return model, processor, Splits(train=data.train, eval=data.eval, info=info, extra=data)
 
     def collate(self, rows: Sequence[Any]) -> Batch:
@@ -136,7 +131,7 @@ class CausalLM(Objective):
         return loss_tokens(batch)
 
     def loss_sum(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        return causal_loss_sum(model, batch)
+        return model_loss_sum(model, batch)
 
     def evaluate(self, model: nn.Module, splits: Splits, rt: Runtime, *, stage: Stage,
                  out_dir: Path | None = None, progress: bool = False) -> dict[str, Any]:
@@ -149,8 +144,8 @@ class CausalLM(Objective):
         if stage == "during":
             return {"eval_loss": out["eval_loss"]} if out else {}
         if ecfg.exact_match and data.eval_prompts:
+            from ..generate import generate_texts
             from ..tasks import exact_match, score_exact_match
-            from ..train.evaluate import generate_texts
 
             t0 = time.perf_counter()
             preds = generate_texts(model, self.tokenizer, data.eval_prompts, max_new_tokens=ecfg.max_new_tokens,
@@ -191,7 +186,11 @@ class CausalLM(Objective):
     def save(self, model: nn.Module, out_dir: Path) -> None:
         from ..registry import get_method
 
-        if get_method(self.cfg.method).saves == "adapter":
+        method = get_method(self.cfg.method)
+        if method.save is not None:  # the method writes its own files (mix: λ + the composed adapter)
+            method.save(model, out_dir)
+            return
+        if method.saves == "adapter":
             from ..io import save_adapter
 
             save_adapter(model, out_dir / "adapter")

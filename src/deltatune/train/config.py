@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from deltatune.methods.strategies import PartialConfig
+from deltatune.validate import finite_fields
 
 __all__ = [
     "DataConfig",
@@ -186,6 +187,7 @@ class LoopConfig:
     )
 
     def __post_init__(self) -> None:
+        finite_fields(self, "train")
         _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
         _check(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
         _check(
@@ -273,6 +275,11 @@ class _TrainConfig:
         default=False,
         metadata=_doc("Continue from the latest checkpoint in output_dir (same config, same batch order)."),
     )
+    overwrite: bool = field(
+        default=False,
+        metadata=_doc("Start afresh in an output_dir that holds another run, deleting that run's files "
+                      "(without it such a directory is refused)."),
+    )
 
     def __post_init__(self) -> None:
         from ..registry import METHODS, OBJECTIVES
@@ -287,6 +294,8 @@ class _TrainConfig:
         )
         method = METHODS[self.method]
         _check(bool(self.output_dir.strip()), "output_dir is empty: give a directory, e.g. runs/my-run")
+        _check(not (self.resume and self.overwrite), "resume and overwrite exclude each other: continue the run "
+               "in output_dir (resume) or replace it (overwrite)")
         _check(
             not (self.resume and _TIMESTAMP in self.output_dir),
             "resume: true needs the output_dir of the run to continue (it still contains '{timestamp}'): "
