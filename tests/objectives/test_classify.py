@@ -116,7 +116,8 @@ def test_run_trains_saves_and_reloads(tiny_dirs: dict[str, Path], data: tuple[Pa
     assert acc == pytest.approx(s["after"]["accuracy"])
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+# 'mix' needs trained LoRA adapters as inputs; tests/test_matrix.py runs classify × mix with them.
+@pytest.mark.parametrize("method", sorted(set(METHODS) - {"mix"}))
 def test_every_method_trains_the_head_two_steps(tiny_dirs: dict[str, Path], data: tuple[Path, Path],
                                                 tmp_path: Path, method: str) -> None:
     from deltatune.classifier import load_classifier
