@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dtype", default="auto", help="load dtype = dtype of the kept weights (auto/bf16/fp32)")
     q.add_argument("--compute-dtype", default="auto", help="bnb_4bit_compute_dtype written to the config")
 
-    e = sub.add_parser("eval", help="loss/perplexity and exact match on a data file")
+    e = sub.add_parser("eval", help="loss/perplexity and exact match on a data file (a classifier: accuracy, "
+                                    "macro-F1, confusion matrix)")
     e.add_argument("--data", required=True, help="JSONL/JSON/CSV/Parquet in text/alpaca/chat/sharegpt shape")
     e.add_argument("--model", default="default")
     e.add_argument("--adapter")
@@ -108,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-new-tokens", type=flag(int, ge=1), default=None, help="default: eval.max_new_tokens")
     e.add_argument("--batch-size", type=flag(int, ge=1), default=None, help="default: eval.batch_size")
     e.add_argument("--no-generate", action="store_true", help="loss/perplexity only")
+    e.add_argument("--text-field", default="text", help="classifier data: the text column")
+    e.add_argument("--label-field", default="label", help="classifier data: the label column")
+    e.add_argument("--text-pair-field", help="classifier data: a second text column (sentence pairs)")
 
     s = sub.add_parser("serve", help="serve a base model and LoRA adapters behind an OpenAI-compatible HTTP API")
     s.add_argument("--model", default="default", help="'default', an HF model directory or a .gguf file")
@@ -182,6 +186,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if "exact_match" in a:
         print(f"exact match on {s['data']['eval_rows']} held-out examples: {pct(b)} before → {pct(a)} after")
+    if "accuracy" in a:
+        def acc(d: dict[str, Any]) -> str:
+            return f"{100 * d['accuracy']:.1f}% (macro-F1 {d['macro_f1']:.3f})" if "accuracy" in d else "—"
+
+        print(f"accuracy on {s['data']['eval_rows']} held-out examples: {acc(b)} before → {acc(a)} after")
     if "eval_loss" in a:
         print(f"held-out loss: {loss(b)} → {loss(a)}")
     print(f"trainable params: {s['trainable_params']:,d} of {s['all_params']:,d} ({s['trainable_percent']:.3f}%)  "
@@ -318,6 +327,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .classifier import is_classifier
+
+    if is_classifier(args.model, args.adapter):
+        return _eval_classifier(args)
     from .data import load_examples, prompt_and_reference, tokenize_examples
     from .generate import generate_texts
     from .objectives.causal_lm import eval_loss
@@ -406,6 +419,19 @@ def cmd_export(args: argparse.Namespace) -> int:
         plain = unload(model)
     export_model_gguf(plain, tok, out, args.outtype or "f16")
     print(f"GGUF model written to {out} ({args.outtype or 'f16'}; llama.cpp and transformers' gguf_file= read it)")
+    return 0
+
+
+def _eval_classifier(args: argparse.Namespace) -> int:
+    from .classifier import evaluate_file
+    from .data.labelled import ClassifyConfig
+    from .train.config import EvalConfig
+
+    # Defaults are the config's: classify.max_length, eval.batch_size.
+    fields = ClassifyConfig(text_field=args.text_field, label_field=args.label_field,
+                            text_pair_field=args.text_pair_field, max_length=args.max_length or ClassifyConfig().max_length)
+    res = evaluate_file(args.model, args.adapter, args.data, fields, args.batch_size or EvalConfig().batch_size)
+    print(json.dumps(res, indent=2))
     return 0
 
 

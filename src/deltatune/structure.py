@@ -27,6 +27,16 @@ def output_head(model: nn.Module) -> nn.Module | None:
     return head if isinstance(head, nn.Module) else None
 
 
+# transformers' names of a *ForSequenceClassification head, which get_output_embeddings() does not
+# return; PEFT's SEQ_CLS task saves the same two names as modules_to_save.
+CLASSIFIER_HEADS = ("classifier", "score")
+
+
+def classifier_head(model: nn.Module) -> nn.Module | None:
+    """A sequence classifier's head: its child named 'classifier' or 'score', else None."""
+    return next((m for n in CLASSIFIER_HEADS if isinstance(m := getattr(model, n, None), nn.Module)), None)
+
+
 def untie_output_head(model: nn.Module) -> nn.Module | None:
     """Give the output head its own weight when it shares the input embedding's (SmolLM2, GPT-2),
     so training the head leaves the embeddings — and thus the features — untouched."""

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from ..structure import block_list, untie_output_head
+from ..structure import block_list, classifier_head, untie_output_head
 
 if TYPE_CHECKING:
     from ..train.hooks import Hook, RunInfo
@@ -43,9 +43,10 @@ def apply_full(model: nn.Module, cfg: Any, info: RunInfo) -> list[Hook]:
 
 def apply_head(model: nn.Module, cfg: Any, info: RunInfo) -> list[Hook]:
     model.requires_grad_(False)
-    head = untie_output_head(model)
+    head = untie_output_head(model) or classifier_head(model)  # an LM head, or a classifier's
     if head is None:
-        raise ValueError(f"method 'head': {type(model).__name__} has no output head (get_output_embeddings())")
+        raise ValueError(f"method 'head': {type(model).__name__} has no output head (get_output_embeddings(), "
+                         "or a child 'classifier'/'score')")
     head.requires_grad_(True)
     return []
 

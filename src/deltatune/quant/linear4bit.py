@@ -270,8 +270,9 @@ def quantize_base(model: nn.Module, quant_type: str = "nf4") -> nn.Module:
     in (bf16 where the hardware has it: bf16 matmuls on a CPU without AVX512-BF16 are far slower than
     fp32)."""
     compute = next(model.parameters()).dtype
+    # A sequence classifier's new head ('score'/'classifier') trains: it keeps its dtype too.
     quantize_model(model, compute_dtype=compute if compute.is_floating_point else torch.float32,
-                   quant_type=quant_type)
+                   skip_modules=("lm_head", "score", "classifier"), quant_type=quant_type)
     # transformers loads weights as views of the checkpoint's mmap; the kept embedding/norms would
     # hold the whole mapping, with every page quantize_model read, resident (measured: +300 MiB RSS
     # on SmolLM2-135M). Own copies release it.

