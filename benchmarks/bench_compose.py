@@ -205,68 +205,80 @@ def stage_score(out: Path, batch_size: int) -> dict[str, dict[str, float]]:
 
 
 # ------------------------------------------------------------------------------------------- timing
-def _random_adapters(n: int, r: int = 16) -> list[Any]:
+def _shapes(out: Path) -> dict[str, tuple[int, int]]:
+    """(k, d) of every adapted module of the default model, from a trained adapter's fingerprint
+    (LoRA on all 7 projections of the 30 blocks): no model load in the timed processes."""
+    from deltatune import read_adapter_info
+
+    fp = read_adapter_info(out / "adapters" / "extract" / "adapter").fingerprint
+    assert fp is not None
+    return {p: (int(i["shape"][0]), int(i["shape"][1])) for p, i in fp["modules"].items()}
+
+
+def _random_adapters(shapes: dict[str, tuple[int, int]], n: int, r: int = 16) -> list[Any]:
     import torch
 
     from deltatune import compose
-    from deltatune.models import load_model
 
-    model, _ = load_model("default", dtype="fp32")
     g = torch.Generator().manual_seed(0)
-    shapes = {p: (mod.in_features, mod.out_features) for p, mod in model.named_modules()
-              if isinstance(mod, torch.nn.Linear) and not p.endswith("lm_head")}
-    del model
-    out = []
-    for i in range(n):
-        mods = {p: compose.ModuleFactors("linear", torch.randn(r, k, generator=g) / k ** 0.5,
-                                         torch.randn(d, r, generator=g) * 0.01, 2.0) for p, (k, d) in shapes.items()}
-        out.append(compose.AdapterFactors(f"a{i}", mods))
-    return out
+    return [compose.AdapterFactors(f"a{i}", {p: compose.ModuleFactors(
+        "linear", torch.randn(r, k, generator=g) / k ** 0.5, torch.randn(d, r, generator=g) * 0.01, 2.0)
+        for p, (k, d) in shapes.items()}) for i in range(n)]
 
 
-def timing_child(method: str, n: int) -> None:
-    """One composition in this process: prints JSON {seconds, peak_rss_mb over the baseline}."""
+def _kw(method: str) -> dict[str, Any]:
+    return {"density": 0.5} if ("ties" in method or "dare" in method or "della" in method) else {}
+
+
+def timing_child(out: Path, method: str, n: int) -> None:
+    """One composition in this process: prints JSON {seconds, extra peak RSS over the baseline}."""
     import torch
 
     from deltatune import compose
 
     torch.set_num_threads(2)
-    adapters = _random_adapters(n)
+    adapters = _random_adapters(_shapes(out), n)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    kw: dict[str, Any] = {"density": 0.5} if ("ties" in method or "dare" in method) else {}
     t0 = time.perf_counter()
-    c = compose.combine(adapters, [1.0 / n] * n, method, **kw)
+    c = compose.combine(adapters, [1.0 / n] * n, method, **_kw(method))
     dt = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"method": method, "seconds": dt, "extra_peak_mb": peak - base, "modules": len(c.modules)}))
 
 
-def peft_timing_child(method: str, n: int) -> None:
-    """PEFT's add_weighted_adapter on the same 8 adapters (default model, fp32)."""
+def peft_timing_child(out: Path, method: str, n: int) -> None:
+    """PEFT's add_weighted_adapter on the same adapters, on a module tree of the default model's
+    adapted linears (weights left uninitialised: composition never reads them)."""
     import torch
     from peft import LoraConfig, get_peft_model
-
-    from deltatune.models import load_model
+    from torch import nn
 
     torch.set_num_threads(2)
-    model, _ = load_model("default", dtype="fp32")
-    adapters = _random_adapters(n)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    pm = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets), adapter_name="x0")
+    shapes = _shapes(out)
+    root = nn.Module()
+    for path, (k, d) in shapes.items():
+        parent = root
+        for part in path.split(".")[:-1]:
+            if not hasattr(parent, part):
+                parent.add_module(part, nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(path.split(".")[-1], nn.utils.skip_init(nn.Linear, k, d, bias=False))
+    adapters = _random_adapters(shapes, n)
+    cfg = LoraConfig(r=16, lora_alpha=32, target_modules=sorted({p.split(".")[-1] for p in shapes}))
+    pm = get_peft_model(root, cfg, adapter_name="x0")
     for i in range(1, n):
-        pm.add_adapter(f"x{i}", LoraConfig(r=16, lora_alpha=32, target_modules=targets))
+        pm.add_adapter(f"x{i}", cfg)
     with torch.no_grad():
         for name, mod in pm.named_modules():
             path = name.removeprefix("base_model.model.")
-            if hasattr(mod, "lora_A") and path in adapters[0].modules:
+            if path in shapes and hasattr(mod, "lora_A"):
                 for i in range(n):
                     mod.lora_A[f"x{i}"].weight.copy_(adapters[i].modules[path].a)
                     mod.lora_B[f"x{i}"].weight.copy_(adapters[i].modules[path].b)
     del adapters
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    kw: dict[str, Any] = {"density": 0.5} if ("ties" in method or "dare" in method) else {}
     t0 = time.perf_counter()
-    pm.add_weighted_adapter([f"x{i}" for i in range(n)], [1.0 / n] * n, "m", combination_type=method, **kw)
+    pm.add_weighted_adapter([f"x{i}" for i in range(n)], [1.0 / n] * n, "m", combination_type=method, **_kw(method))
     dt = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"method": method, "seconds": dt, "extra_peak_mb": peak - base}))
@@ -281,7 +293,8 @@ def stage_timing(out: Path, n: int) -> dict[str, Any]:
             if key in res or (who == "peft" and method in ("task_arithmetic", "della")):
                 continue
             flag = "--timing-child" if who == "deltatune" else "--peft-timing-child"
-            proc = subprocess.run([sys.executable, __file__, flag, method, "--n", str(n)], capture_output=True, text=True)
+            proc = subprocess.run([sys.executable, __file__, flag, method, "--n", str(n), "--out", str(out)],
+                                  capture_output=True, text=True)
             line = [x for x in proc.stdout.splitlines() if x.startswith("{")]
             res[key] = json.loads(line[-1]) if line else {"error": proc.stderr.strip().splitlines()[-1:]}
             print(f"  {key}: {res[key]}", flush=True)
@@ -309,9 +322,9 @@ def main() -> None:
     ap.add_argument("--peft-timing-child")
     args = ap.parse_args()
     if args.timing_child:
-        return timing_child(args.timing_child, args.n)
+        return timing_child(Path(args.out), args.timing_child, args.n)
     if args.peft_timing_child:
-        return peft_timing_child(args.peft_timing_child, args.n)
+        return peft_timing_child(Path(args.out), args.peft_timing_child, args.n)
     out = Path(args.out)
     if args.only != "timing":
         stage_data(out, args.n_train, args.eval_per_task, args.mix_per_task)
