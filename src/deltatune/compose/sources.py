@@ -106,7 +106,7 @@ def _lora_modules(tensors: dict[str, torch.Tensor], c: dict[str, Any], who: str)
     rs = bool(c.get("use_rslora", False))
     conv1d = bool(c.get("fan_in_fan_out", False))
     out: dict[str, ModuleFactors] = {}
-    for path, p in parts.items():
+    for path, p in sorted(parts.items(), key=lambda kv: _natural(kv[0])):  # model-like order
         if "m" in p or c.get("use_dora"):
             raise CompositionError(f"adapter {who!r}, module {path!r}: a DoRA magnitude m·(W₀+ΔW)/‖W₀+ΔW‖ is not "
                                    "linear in ΔW, so DoRA adapters have no weighted combination")
