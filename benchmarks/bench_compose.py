@@ -132,7 +132,7 @@ class Scorer:
         return total / n
 
 
-def stage_score(out: Path, batch_size: int) -> dict[str, dict[str, float]]:
+def stage_score(out: Path, batch_size: int, full: bool) -> dict[str, dict[str, float]]:
     import deltatune
     from deltatune import compose
 
@@ -173,14 +173,15 @@ def stage_score(out: Path, batch_size: int) -> dict[str, dict[str, float]]:
     run("ties_svd (λ=1, density 0.5, rank 16)", composed("ties_svd", "ties_svd", [1.0] * 3, density=0.5))
     run("dare_ties_svd (λ=1, density 0.5, rank 16)", composed("dare_ties_svd", "dare_ties_svd", [1.0] * 3, density=0.5))
     run("della (λ=1, density 0.5, ε 0.1, rank 16)", composed("della", "della", [1.0] * 3, density=0.5))
-    run("breadcrumbs_ties (λ=1, density 0.5, rank 16)",
-        composed("breadcrumbs_ties", "breadcrumbs_ties", [1.0] * 3, density=0.5))
+    if full:  # breadcrumbs too (skipped by default: CPU time)
+        run("breadcrumbs_ties (λ=1, density 0.5, rank 16)",
+            composed("breadcrumbs_ties", "breadcrumbs_ties", [1.0] * 3, density=0.5))
     tuned_path = out / "task_arithmetic_tuning.json"
     if tuned_path.exists():
         tuning = json.loads(tuned_path.read_text())
     else:
         tuning = {}
-        for lam in (0.4, 0.6, 0.8, 1.0):
+        for lam in ((0.4, 0.6, 0.8, 1.0) if full else (0.5, 1.0)):
             compose.set_weighted(m, {n: lam for n in TASK_NAMES})
             tuning[str(lam)] = sc.mixed_loss()
         tuned_path.write_text(json.dumps(tuning, indent=2))
@@ -284,13 +285,14 @@ def peft_timing_child(out: Path, method: str, n: int) -> None:
     print(json.dumps({"method": method, "seconds": dt, "extra_peak_mb": peak - base}))
 
 
-def stage_timing(out: Path, n: int) -> dict[str, Any]:
+def stage_timing(out: Path, n: int, full: bool) -> dict[str, Any]:
     path = out / "timing.json"
     res: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     for method in ("cat", "task_arithmetic", "svd", "ties_svd", "dare_ties_svd", "della"):
         for who in ("deltatune", "peft"):
             key = f"{who}:{method}"
-            if key in res or (who == "peft" and method in ("task_arithmetic", "della")):
+            if key in res or (who == "peft" and method in ("task_arithmetic", "della")) or (
+                    not full and method in ("della",) + (("dare_ties_svd",) if who == "peft" else ())):
                 continue
             flag = "--timing-child" if who == "deltatune" else "--peft-timing-child"
             proc = subprocess.run([sys.executable, __file__, flag, method, "--n", str(n), "--out", str(out)],
@@ -318,6 +320,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--n", type=int, default=8, help="adapters composed in the timing stage")
     ap.add_argument("--only", choices=["scores", "timing"])
+    ap.add_argument("--full", action="store_true", help="also breadcrumbs and a finer task-arithmetic grid; PEFT timing for every type")
     ap.add_argument("--timing-child")
     ap.add_argument("--peft-timing-child")
     args = ap.parse_args()
@@ -333,13 +336,13 @@ def main() -> None:
         print("training mixing weights …", flush=True)
         stage_mix(out, args.mix_steps, args.mix_lr)
         print("scoring …", flush=True)
-        scores = stage_score(out, args.batch_size)
+        scores = stage_score(out, args.batch_size, args.full)
         print(f"\n| variant | {' | '.join(TASK_NAMES)} |\n|---|{'---|' * len(TASK_NAMES)}")
         for label, row in scores.items():
             print(f"| {label} | " + " | ".join(f"{100 * row[t]:.1f} %" for t in TASK_NAMES) + " |")
     if args.only != "scores":
         print(f"\ncomposing {args.n} adapters (r=16, all 7 projections × 30 layers) …", flush=True)
-        res = stage_timing(out, args.n)
+        res = stage_timing(out, args.n, args.full)
         print("\n| method | deltatune time | deltatune extra peak RSS | PEFT time | PEFT extra peak RSS |\n|---|---|---|---|---|")
         for method in ("cat", "task_arithmetic", "svd", "ties_svd", "dare_ties_svd", "della"):
             d, p = res.get(f"deltatune:{method}", {}), res.get(f"peft:{method}", {})
