@@ -21,12 +21,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+# Before torch loads (children import it first): idle OpenMP threads sleep instead of spinning, which
+# on a shared, oversubscribed CPU otherwise multiplies wall times (see tests/conftest.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 TASK_NAMES = ("extract", "sentiment", "dates")
 MAX_NEW = {"extract": 48, "sentiment": 4, "dates": 10}
@@ -237,7 +242,7 @@ def timing_child(out: Path, method: str, n: int) -> None:
 
     from deltatune import compose
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     adapters = _random_adapters(_shapes(out), n)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
@@ -254,7 +259,7 @@ def peft_timing_child(out: Path, method: str, n: int) -> None:
     from peft import LoraConfig, get_peft_model
     from torch import nn
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     shapes = _shapes(out)
     root = nn.Module()
     for path, (k, d) in shapes.items():
