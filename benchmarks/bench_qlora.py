@@ -151,7 +151,9 @@ def worker(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     from deltatune.models import load_model
     from deltatune.registry import get_method
     from deltatune.train.config import TrainConfig
+    from deltatune.train.hooks import RunInfo
 
+    info = RunInfo(total_steps=args.steps, steps_per_epoch=args.steps)
     if variant == "peft_bnb":
         import bitsandbytes  # noqa: F401
         import peft  # noqa: F401
@@ -160,10 +162,10 @@ def worker(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     cfg = TrainConfig()  # lora: r=16, alpha=32, all-linear (the 7 projections), dropout 0
     if variant in ("lora", "qlora"):  # what `deltatune train --set method=...` does after loading
         model, _ = load_model("default", dtype="fp32")
-        get_method(variant).apply(model, cfg)
+        get_method(variant).apply(model, cfg, info)
     elif variant == "qlora_ckpt":  # QLoRA from a pre-quantized checkpoint: method lora over Linear4bit
         model, _ = load_model(args.ckpt, dtype="fp32")
-        get_method("lora").apply(model, cfg)
+        get_method("lora").apply(model, cfg, info)
     elif variant == "peft_bnb":
         import peft
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig

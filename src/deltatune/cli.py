@@ -224,10 +224,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .objectives.causal_lm import eval_loss
     from .tasks import score_exact_match
     from .train.data import load_examples, prompt_and_reference, tokenize_examples
     from .train.evaluate import generate_texts
-    from .train.loop import evaluate_loss
+    from .train.runtime import Runtime
 
     model, tok = _load(args.model, args.adapter)
     if args.adapter:
@@ -236,9 +237,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         merge(model)
     loaded = load_examples(args.data, args.format)
     rows, _, _ = tokenize_examples(loaded.examples, tok, args.max_length, True)
-    device = next(model.parameters()).device
+    rt = Runtime(next(model.parameters()).device, bf16=False)
     res: dict[str, Any] = {"examples": len(loaded.examples)}
-    res.update(evaluate_loss(model, rows, int(tok.pad_token_id), args.batch_size, device, bf16=False))
+    res.update(eval_loss(model, rows, int(tok.pad_token_id), args.batch_size, rt))
     pairs = [p for p in map(prompt_and_reference, loaded.examples) if p is not None]
     if pairs and not args.no_generate:
         preds = generate_texts(model, tok, [p for p, _ in pairs], max_new_tokens=args.max_new_tokens,

@@ -1,9 +1,13 @@
-"""The one explicit registry of training methods: name → (what it trains, how it is applied).
+"""The dispatch tables: training methods (``METHODS``) and objectives (``OBJECTIVES``).
 
-``deltatune train --set method=NAME``, ``--help`` and the README's method table read this dict; a
-test checks that they agree. Each ``apply`` takes the loaded model and the whole ``TrainConfig``
-(passed as the config object, never exploded), changes the model in place so that exactly the
-parameters the method trains have ``requires_grad=True``, and returns the model.
+``deltatune train --set method=NAME``, ``--help`` and the README's method table read ``METHODS``.
+Each ``apply(model, cfg, info)`` takes the loaded model, the whole ``TrainConfig`` (passed as the
+config object, never exploded) and the run's :class:`~deltatune.train.hooks.RunInfo`; it changes
+the model in place so that exactly the parameters the method trains have ``requires_grad=True``
+and returns the method's training hooks (AdaLoRA's rank allocator; most methods have none).
+
+``OBJECTIVES`` maps ``objective: NAME`` to an :class:`~deltatune.objectives.base.Objective`
+subclass; an objective with a ``Config`` dataclass gets a ``TrainConfig`` section of its name.
 """
 
 from __future__ import annotations
@@ -15,32 +19,39 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Method", "METHODS", "method_names", "get_method", "block_list", "untie_output_head"]
+from .objectives.base import Objective
+from .objectives.causal_lm import CausalLM
+from .train.hooks import Hook, RunInfo
+
+__all__ = ["Method", "METHODS", "OBJECTIVES", "method_names", "get_method", "get_objective", "block_list",
+           "untie_output_head"]
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
     summary: str  # one line for --help and the README table: Δf(x) and what trains
-    apply: Callable[[nn.Module, Any], nn.Module]
+    apply: Callable[[nn.Module, Any, RunInfo], list[Hook]]
     saves: str  # "adapter" (PEFT-format adapter dir) or "model" (full HF checkpoint)
 
 
-def _apply_lora(model: nn.Module, cfg: Any) -> nn.Module:
+def _apply_lora(model: nn.Module, cfg: Any, info: RunInfo) -> list[Hook]:
     from .inject import inject
 
-    return inject(model, cfg.lora)
+    inject(model, cfg.lora)
+    return []
 
 
-def _apply_dora(model: nn.Module, cfg: Any) -> nn.Module:
+def _apply_dora(model: nn.Module, cfg: Any, info: RunInfo) -> list[Hook]:
     import dataclasses
 
     from .inject import inject
 
-    return inject(model, dataclasses.replace(cfg.lora, use_dora=True))
+    inject(model, dataclasses.replace(cfg.lora, use_dora=True))
+    return []
 
 
-def _apply_qlora(model: nn.Module, cfg: Any) -> nn.Module:
+def _apply_qlora(model: nn.Module, cfg: Any, info: RunInfo) -> list[Hook]:
     from .inject import inject
     from .quant.linear4bit import quantize_model
 
@@ -56,24 +67,26 @@ def _apply_qlora(model: nn.Module, cfg: Any) -> nn.Module:
         for p in model.parameters():
             if p.is_floating_point():
                 p.data = p.data.clone()
-    return inject(model, cfg.lora)
+    inject(model, cfg.lora)
+    return []
 
 
-def _apply_vera(model: nn.Module, cfg: Any) -> nn.Module:
+def _apply_vera(model: nn.Module, cfg: Any, info: RunInfo) -> list[Hook]:
     from .methods.vera import inject_vera
 
-    return inject_vera(model, cfg.vera)
+    inject_vera(model, cfg.vera)
+    return []
 
 
-def _apply_adalora(model: nn.Module, cfg: Any) -> nn.Module:
+def _apply_adalora(model: nn.Module, cfg: Any, info: RunInfo) -> list[Hook]:
     from .methods import adalora
 
-    return adalora.apply(model, cfg)  # attaches the rank allocator and the orthogonality regulariser
+    return adalora.apply(model, cfg, info)  # the rank allocator and the orthogonality regulariser
 
 
-def _apply_full(model: nn.Module, cfg: Any) -> nn.Module:
+def _apply_full(model: nn.Module, cfg: Any, info: RunInfo) -> list[Hook]:
     model.requires_grad_(True)
-    return model
+    return []
 
 
 def untie_output_head(model: nn.Module) -> nn.Module | None:
@@ -92,13 +105,13 @@ def untie_output_head(model: nn.Module) -> nn.Module | None:
     return head
 
 
-def _apply_head(model: nn.Module, cfg: Any) -> nn.Module:
+def _apply_head(model: nn.Module, cfg: Any, info: RunInfo) -> list[Hook]:
     model.requires_grad_(False)
     head = untie_output_head(model)
     if head is None:
         raise ValueError(f"method 'head': {type(model).__name__} has no output head (get_output_embeddings())")
     head.requires_grad_(True)
-    return model
+    return []
 
 
 def block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -112,7 +125,7 @@ def block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
-def _apply_partial(model: nn.Module, cfg: Any) -> nn.Module:
+def _apply_partial(model: nn.Module, cfg: Any, info: RunInfo) -> list[Hook]:
     model.requires_grad_(False)
     pcfg = cfg.partial
     _, blocks = block_list(model)
@@ -128,26 +141,30 @@ def _apply_partial(model: nn.Module, cfg: Any) -> nn.Module:
             untie_output_head(model)
         for m in hits:
             m.requires_grad_(True)
-    return model
+    return []
 
 
-def _apply_bottleneck(model: nn.Module, cfg: Any) -> nn.Module:
+def _apply_bottleneck(model: nn.Module, cfg: Any, info: RunInfo) -> list[Hook]:
     from .methods import bottleneck
 
-    return bottleneck.inject(model, cfg.bottleneck)
+    bottleneck.inject(model, cfg.bottleneck)
+    return []
 
 
-def _prompt_apply(kind: str, projection: bool | None) -> Callable[[nn.Module, Any], nn.Module]:
+def _prompt_apply(kind: str, projection: bool | None) -> Callable[[nn.Module, Any, RunInfo], list[Hook]]:
     """The three prompt methods share the ``prompt:`` section; the method picks the seam (and P-Tuning v2
     is prefix tuning without the MLP reparameterisation)."""
 
-    def apply(model: nn.Module, cfg: Any) -> nn.Module:
+    def apply(model: nn.Module, cfg: Any, info: RunInfo) -> list[Hook]:
         import dataclasses
 
         from .methods import prompts
 
         fixed: dict[str, Any] = {"kind": kind} if projection is None else {"kind": kind, "projection": projection}
-        return prompts.inject(model, dataclasses.replace(cfg.prompt, **fixed))
+        # init='text' tokenizes with the run's own tokenizer unless prompt.tokenizer names one.
+        tokenizer = info.processor if cfg.prompt.tokenizer is None else None
+        prompts.inject(model, dataclasses.replace(cfg.prompt, **fixed), tokenizer=tokenizer)
+        return []
 
     return apply
 
@@ -175,6 +192,11 @@ METHODS: dict[str, Method] = {
 }
 
 
+OBJECTIVES: dict[str, type[Objective]] = {
+    "causal_lm": CausalLM,
+}
+
+
 def method_names() -> tuple[str, ...]:
     return tuple(METHODS)
 
@@ -187,6 +209,16 @@ def get_method(name: str) -> Method:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(f"unknown method {name!r}{hint}; choose one of {', '.join(METHODS)}")
     return METHODS[name]
+
+
+def get_objective(name: str) -> type[Objective]:
+    if name not in OBJECTIVES:
+        import difflib
+
+        close = difflib.get_close_matches(name, OBJECTIVES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown objective {name!r}{hint}; choose one of {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[name]
 
 
 def trainable_parameters(model: nn.Module) -> list[torch.nn.Parameter]:

@@ -16,6 +16,7 @@ import deltatune
 from deltatune.methods.adalora import (
     AdaLoraConfig,
     AdaLoraLayer,
+    adalora_hooks,
     adalora_layers,
     inject_adalora,
     merge,
@@ -23,6 +24,7 @@ from deltatune.methods.adalora import (
     unload,
     unmerge,
 )
+from deltatune.train.hooks import after_step, extra_loss
 
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -101,7 +103,7 @@ def test_naive_formula_init_and_merge() -> None:
     torch.testing.assert_close(model(IDS).logits, want, rtol=1e-5, atol=1e-5)
     unmerge(model)
     plain = unload(model)
-    assert not adalora_layers(plain) and not hasattr(plain, "deltatune_after_step")
+    assert not adalora_layers(plain) and not [k for k in vars(plain) if k.startswith("deltatune")]
     torch.testing.assert_close(plain(IDS).logits, want, rtol=1e-5, atol=1e-5)
 
 
@@ -128,18 +130,19 @@ def budget(step: int, init_bgt: int, target_bgt: int, tinit: int, tfinal: int, t
 def train_steps(model: nn.Module, steps: int, lr: float = 1e-2, hook: bool = True, data_seed: int = 1) -> list[int]:
     """Adam steps on random tokens, the hook called after zero_grad (as the loop does); returns the
     count of non-zero λ after each step."""
+    hooks = adalora_hooks(model)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     g = torch.Generator().manual_seed(data_seed)
     counts = []
     model.train()
     for step in range(steps):
         ids = torch.randint(0, 128, (4, 16), generator=g)
-        loss = model(ids, labels=ids).loss + model.deltatune_extra_loss()
+        loss = model(ids, labels=ids).loss + extra_loss(hooks, model)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if hook:
-            model.deltatune_after_step(step)
+            after_step(hooks, step)
         counts.append(sum(int((layer.factors()[2] != 0).sum()) for _, layer in adalora_layers(model)))
     return counts
 
@@ -168,22 +171,24 @@ def test_allocator_state_round_trip_resumes_identically() -> None:
 
     cfg = AdaLoraConfig(init_r=4, target_r=1, tinit=1, tfinal=2, target_modules=["q_proj", "v_proj"])
     models = [inject_adalora(tiny_llama(), cfg, total_step=8) for _ in range(2)]
+    hooks = [adalora_hooks(m) for m in models]
     models[1].load_state_dict(models[0].state_dict())
     opts = [torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in models]
     gens = [torch.Generator().manual_seed(7) for _ in models]
     for step in range(8):
         if step == 5:  # model 1 "resumes": a fresh allocator restored from the old one's state
-            old = models[1].deltatune_rank_allocator
+            old = hooks[1][0]
+            assert isinstance(old, RankAllocator)
             new = RankAllocator(adalora_layers(models[1]), old.config, 8)
             new.load_state_dict(old.state_dict())
             old.remove_hooks()
-            models[1].deltatune_after_step = new.step
-        for m, opt, g in zip(models, opts, gens):
+            hooks[1][0] = new
+        for m, hs, opt, g in zip(models, hooks, opts, gens):
             ids = torch.randint(0, 128, (2, 8), generator=g)
-            (m(ids, labels=ids).loss + m.deltatune_extra_loss()).backward()
+            (m(ids, labels=ids).loss + extra_loss(hs, m)).backward()
             opt.step()
             opt.zero_grad()
-            m.deltatune_after_step(step)
+            after_step(hs, step)
     for (_, a), (_, b) in zip(adalora_layers(models[0]), adalora_layers(models[1])):
         assert torch.equal(a.factors()[2], b.factors()[2]) and a.kept == b.kept
 
@@ -205,7 +210,8 @@ def test_rank_flows_to_the_layer_with_the_larger_gradient() -> None:
     # No orthogonality term: its gradient on P, Q is the same size in both layers and would blur the contrast.
     model = inject_adalora(TwoBranch(), AdaLoraConfig(init_r=4, target_r=2, target_modules=["big", "small"],
                                                       tinit=2, tfinal=2, orth_reg_weight=0.0), total_step=10)
-    assert not hasattr(model, "deltatune_extra_loss")
+    hooks = adalora_hooks(model)
+    assert [h.name for h in hooks] == ["adalora_ranks"] and extra_loss(hooks, model) is None  # no orth term
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     g = torch.Generator().manual_seed(0)
     target = torch.randn(16, 16, generator=g)
@@ -214,7 +220,7 @@ def test_rank_flows_to_the_layer_with_the_larger_gradient() -> None:
         loss = (model(x) - x @ target).pow(2).mean()
         loss.backward()
         opt.step()
-        model.deltatune_after_step(step)
+        after_step(hooks, step)
         opt.zero_grad()
     ranks = {path: sum(layer.kept or []) for path, layer in adalora_layers(model)}
     assert sum(ranks.values()) == 4  # the budget: target_r × 2 layers
@@ -226,6 +232,7 @@ def test_allocator_in_lockstep_with_peft() -> None:
     kw = dict(init_r=4, target_r=2, tinit=1, tfinal=2, delta_t=1, total_step=8, target_modules=QKVO)
     pm = peft.get_peft_model(tiny_llama(), peft_config(peft, **kw))
     model = inject_adalora(tiny_llama(), AdaLoraConfig(**kw))
+    hooks = adalora_hooks(model)
     copy_from_peft(model, pm)
     opt_p = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
     opt_o = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -237,10 +244,10 @@ def test_allocator_in_lockstep_with_peft() -> None:
         opt_p.step()
         pm.base_model.update_and_allocate(step)  # PEFT: after step, before zero_grad
         opt_p.zero_grad()
-        (model(ids, labels=ids).loss + model.deltatune_extra_loss()).backward()
+        (model(ids, labels=ids).loss + extra_loss(hooks, model)).backward()
         opt_o.step()
         opt_o.zero_grad(set_to_none=True)
-        model.deltatune_after_step(step)  # ours: after zero_grad, as the loop calls it
+        after_step(hooks, step)  # ours: after zero_grad (the loop calls it before; both work, see RankAllocator)
         theirs = dict(pm.named_parameters())
         for path, layer in adalora_layers(model):
             e_p = theirs[f"base_model.model.{path}.lora_E.default"]
@@ -265,22 +272,23 @@ def test_orthogonality_regulariser_naive_and_peft() -> None:
     pm = peft.get_peft_model(tiny_llama(), peft_config(peft, init_r=4))
     copy_from_peft(model, pm)
     extra = pm(input_ids=IDS, labels=IDS).loss - tiny_llama()(IDS, labels=IDS).loss  # Λ = 0: only the penalty
-    torch.testing.assert_close(model.deltatune_extra_loss(), extra, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(extra_loss(adalora_hooks(model), model), extra, rtol=1e-5, atol=1e-6)
 
 
 def trained(make, targets, total_step: int = 6) -> nn.Module:
     """A model whose allocator pruned to the final pattern (tfinal reached)."""
     cfg = AdaLoraConfig(init_r=4, target_r=2, tinit=1, tfinal=2, alpha=8.0, target_modules=targets)
     model = inject_adalora(make(), cfg, total_step=total_step)
+    hooks = adalora_hooks(model)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-2)
     g = torch.Generator().manual_seed(4)
     model.train()
     for step in range(total_step):
         ids = torch.randint(0, 128, (4, 16), generator=g)
-        (model(ids, labels=ids).loss + model.deltatune_extra_loss()).backward()
+        (model(ids, labels=ids).loss + extra_loss(hooks, model)).backward()
         opt.step()
         opt.zero_grad()
-        model.deltatune_after_step(step)
+        after_step(hooks, step)
     return model.eval()
 
 
@@ -338,7 +346,7 @@ def test_bad_file_and_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="target_r"):
         AdaLoraConfig(init_r=4, target_r=8)
     with pytest.raises(ValueError, match="total_step"):
-        inject_adalora(tiny_llama(), AdaLoraConfig())
+        adalora_hooks(inject_adalora(tiny_llama(), AdaLoraConfig()))
     assert isinstance(model.model.layers[0].self_attn.q_proj, AdaLoraLayer)
 
 

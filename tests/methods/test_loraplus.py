@@ -89,13 +89,13 @@ def test_groups_match_peft_create_loraplus_optimizer() -> None:
 
 def test_train_config_loraplus_ratio_builds_groups() -> None:
     from deltatune.train.config import LoopConfig, TrainConfig
-    from deltatune.train.loop import _make_optimizer
+    from deltatune.train.optim import make_optimizer
 
     model = lora_model(target_modules=["q_proj"])
     cfg = TrainConfig(train=LoopConfig(lr=1e-3, loraplus_ratio=4.0))
-    lrs = {n: v[0] for n, v in lr_by_name(model, _make_optimizer(cfg, model).param_groups).items()}
+    lrs = {n: v[0] for n, v in lr_by_name(model, make_optimizer(cfg, model).param_groups).items()}
     assert lrs and all(lr == pytest.approx(4e-3 if "lora_B" in n else 1e-3) for n, lr in lrs.items())
-    off = _make_optimizer(TrainConfig(train=LoopConfig(lr=1e-3)), model)
+    off = make_optimizer(TrainConfig(train=LoopConfig(lr=1e-3)), model)
     assert {g["lr"] for g in off.param_groups} == {1e-3}
     with pytest.raises(ValueError, match="loraplus_ratio"):
         LoopConfig(loraplus_ratio=-1.0)

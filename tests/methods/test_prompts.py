@@ -228,9 +228,11 @@ def test_p_tuning_v2_is_prefix_tuning_without_projection(tmp_path: Path) -> None
     from deltatune.config import load_config
     from deltatune.registry import METHODS
     from deltatune.train.config import TrainConfig
+    from deltatune.train.hooks import RunInfo
 
     cfg = load_config(TrainConfig, None, ["method=p_tuning_v2", f"prompt.num_virtual_tokens={K}"])
-    model = METHODS["p_tuning_v2"].apply(make_tiny_llama(), cfg)
+    model = make_tiny_llama()
+    assert METHODS["p_tuning_v2"].apply(model, cfg, RunInfo(total_steps=1, steps_per_epoch=1)) == []
     enc = prompts.get_seam(model).encoder("default")  # type: ignore[union-attr]
     assert enc.kind == "prefix" and enc.transform is None
     assert deltatune.parameter_report(model)["trainable"] == K * 2 * 2 * 32  # l·L·2·d_kv

@@ -18,8 +18,9 @@ Training (paper §3.2–3.3, PEFT's ``RankAllocator`` step for step):
   that need it; at t = T − tfinal the final pattern is fixed and re-applied after every later step;
 * an orthogonality regulariser on P and Q (paper Eq. 4; PEFT's form by default, see
   :func:`orth_regulariser`).
-The allocator runs from the training loop's ``model.deltatune_after_step(step)`` hook and the
-regulariser through ``model.deltatune_extra_loss()``; both are set by :func:`inject_adalora`.
+Both reach the training loop as hooks (``deltatune.train.hooks``), made by :func:`adalora_hooks`:
+the allocator (:class:`RankAllocator`, ``after_step``) and the regulariser (:class:`OrthRegulariser`,
+``extra_loss``); the run length T arrives as ``RunInfo.total_steps`` unless ``adalora.total_step`` is set.
 
 Files: PEFT's layout (``base_model.model.<path>.lora_A`` …, no ranknum) with ``rank_pattern`` in
 adapter_config.json and the masked triplets cut out of the tensors, as PEFT saves them.
@@ -29,7 +30,6 @@ Supported base layers: nn.Linear and GPT-2 Conv1D.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -43,8 +43,10 @@ from .single import SingleAdapterLayer, unload_layers
 
 if TYPE_CHECKING:
     from ..io import AdapterFile
+    from ..train.hooks import Hook, RunInfo
 
-__all__ = ["AdaLoraConfig", "AdaLoraLayer", "RankAllocator", "inject_adalora", "adalora_layers", "apply",
+__all__ = ["AdaLoraConfig", "AdaLoraLayer", "RankAllocator", "OrthRegulariser", "inject_adalora", "adalora_layers",
+           "adalora_hooks", "apply",
            "orth_regulariser", "delta_weight", "merge", "unmerge", "unload", "save_peft", "load_peft"]
 
 
@@ -174,12 +176,14 @@ def orth_regulariser(layers: list[AdaLoraLayer], how: str = "peft") -> torch.Ten
 class RankAllocator:
     """PEFT's ``RankAllocator`` plus ``AdaLoraModel.update_and_allocate``, with the same semantics.
 
-    Call :meth:`step` after each optimizer step (the training loop does, through
-    ``model.deltatune_after_step``). It reads each parameter's gradient of the step just taken:
+    Call :meth:`step` after each optimizer step (the training loop does: the allocator is a hook and
+    ``after_step`` is :meth:`step`). It reads each parameter's gradient of the step just taken:
     ``p.grad`` if it is still there, otherwise the one kept by a post-accumulate-grad hook (our loop
     calls the hook after ``zero_grad(set_to_none=True)``; the kept tensor still holds the clipped,
     fully accumulated gradient, since clipping works in place and set_to_none only drops the reference).
     """
+
+    name = "adalora_ranks"  # the hook's checkpoint key
 
     def __init__(self, layers: list[tuple[str, AdaLoraLayer]], config: AdaLoraConfig, total_step: int) -> None:
         self.layers = layers
@@ -284,6 +288,12 @@ class RankAllocator:
             keep = torch.tensor(self.rank_pattern[path], device=layer.lora_E[layer.name].device).view(-1, 1)
             layer.lora_E[layer.name].masked_fill_(~keep, 0.0)
 
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        return None
+
+    def after_step(self, step: int) -> None:
+        self.step(step)
+
     def step(self, step: int) -> None:
         """After optimizer step ``step`` (0-based): update the scores and prune to the budget."""
         final = self.total_step - self.config.tfinal
@@ -299,6 +309,27 @@ class RankAllocator:
         elif self.rank_pattern is not None:
             self.mask_using_rank_pattern()
         self._grads.clear()
+
+
+class OrthRegulariser:
+    """The orthogonality penalty γ·R(P, Q) as a hook (``extra_loss``); stateless."""
+
+    name = "adalora_orth"
+
+    def __init__(self, layers: list[AdaLoraLayer], how: str, weight: float) -> None:
+        self.layers, self.how, self.weight = layers, how, weight
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        return self.weight * orth_regulariser(self.layers, self.how)
+
+    def after_step(self, step: int) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
 
 # ------------------------------------------------------------------------------------ model level
@@ -322,13 +353,12 @@ def _targets(model: nn.Module, config: AdaLoraConfig) -> list[str]:
 
 
 def inject_adalora(model: nn.Module, config: AdaLoraConfig, name: str = "default", *, total_step: int | None = None,
-                   train: bool = True, ranks: dict[str, int] | None = None) -> nn.Module:
+                   ranks: dict[str, int] | None = None) -> nn.Module:
     """Add AdaLoRA adapter ``name`` to ``model`` in place; only lora_A/B/E stay trainable.
 
-    With ``train`` (the default) the rank allocator and the regulariser are attached as
-    ``model.deltatune_after_step`` / ``model.deltatune_extra_loss`` (and the allocator as
-    ``model.deltatune_rank_allocator``); ``total_step`` (or ``config.total_step``) is then required.
-    ``ranks`` gives per-path ranks (a pruned file); default init_r everywhere."""
+    ``total_step`` (T of the rank schedule) overrides ``config.total_step`` and is stored with the
+    adapter's config; :func:`adalora_hooks` needs one of them to train. ``ranks`` gives per-path ranks
+    (a pruned file); default init_r everywhere."""
     from ..inject import AdapterState, _set_module
 
     state = getattr(model, "deltatune_state", None)
@@ -336,9 +366,6 @@ def inject_adalora(model: nn.Module, config: AdaLoraConfig, name: str = "default
         raise ValueError(f"this model already has deltatune adapters {sorted(state.configs)}; AdaLoRA is added to "
                          "a model without adapters (one AdaLoRA adapter per model, as in PEFT)")
     total = total_step if total_step is not None else config.total_step
-    if train and total is None:
-        raise ValueError("AdaLoRA's rank schedule needs the run's number of optimizer steps: set "
-                         "adalora.total_step (or train.max_steps)")
     config = dataclasses.replace(config, total_step=total)  # validates tinit < total_step − tfinal
     paths = _targets(model, config)
     for path in paths:
@@ -346,32 +373,34 @@ def inject_adalora(model: nn.Module, config: AdaLoraConfig, name: str = "default
         _set_module(model, path, AdaLoraLayer(model.get_submodule(path), name, r, config))
     model.deltatune_state = AdapterState(configs={name: config}, active=[name])  # type: ignore[assignment]
     model.requires_grad_(False)
-    layers = adalora_layers(model)
-    for _, layer in layers:
+    for _, layer in adalora_layers(model):
         for p in layer.factors():
             p.requires_grad_(True)
-    if train:
-        assert total is not None
-        allocator = RankAllocator(layers, config, total)
-        model.deltatune_rank_allocator = allocator  # type: ignore[assignment]
-        model.deltatune_after_step = allocator.step  # type: ignore[assignment]
-        if config.orth_reg_weight > 0:
-            model.deltatune_extra_loss = functools.partial(  # type: ignore[assignment]
-                _weighted_orth, [layer for _, layer in layers], config.orth_reg, config.orth_reg_weight)
     return model
 
 
-def _weighted_orth(layers: list[AdaLoraLayer], how: str, weight: float) -> torch.Tensor:
-    return weight * orth_regulariser(layers, how)
+def adalora_hooks(model: nn.Module) -> list[RankAllocator | OrthRegulariser]:
+    """The training hooks of ``model``'s AdaLoRA adapter: the rank allocator (call ``after_step(step)``
+    after every optimizer step) and, when ``orth_reg_weight`` > 0, the regulariser (add
+    ``extra_loss(model)`` to the loss once per step). Needs the schedule's T (``total_step``)."""
+    layers = adalora_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no AdaLoRA layers (inject_adalora first)")
+    state: Any = getattr(model, "deltatune_state", None)
+    config = next(c for c in state.configs.values() if isinstance(c, AdaLoraConfig))
+    if config.total_step is None:
+        raise ValueError("AdaLoRA's rank schedule needs the run's number of optimizer steps: set "
+                         "adalora.total_step (or train.max_steps), or pass total_step to inject_adalora")
+    hooks: list[RankAllocator | OrthRegulariser] = [RankAllocator(layers, config, config.total_step)]
+    if config.orth_reg_weight > 0:
+        hooks.append(OrthRegulariser([layer for _, layer in layers], config.orth_reg, config.orth_reg_weight))
+    return hooks
 
 
-def apply(model: nn.Module, cfg: Any) -> nn.Module:
-    """``deltatune train --set method=adalora``: T is adalora.total_step, else train.max_steps."""
-    total = cfg.adalora.total_step or (cfg.train.max_steps if cfg.train.max_steps > 0 else None)
-    if total is None:
-        raise ValueError("method 'adalora' needs the run's number of optimizer steps for its rank schedule: set "
-                         "train.max_steps (or adalora.total_step)")
-    return inject_adalora(model, cfg.adalora, total_step=total)
+def apply(model: nn.Module, cfg: Any, info: RunInfo) -> list[Hook]:
+    """``deltatune train --set method=adalora``: T is adalora.total_step, else the run's length."""
+    inject_adalora(model, cfg.adalora, total_step=cfg.adalora.total_step or info.total_steps)
+    return list(adalora_hooks(model))
 
 
 def merge(model: nn.Module) -> nn.Module:
@@ -388,14 +417,10 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 def unload(model: nn.Module, merge_adapter: bool = True) -> nn.Module:
-    """Remove the AdaLoRA layers and hooks (merging first unless ``merge_adapter=False``)."""
-    allocator = getattr(model, "deltatune_rank_allocator", None)
-    if isinstance(allocator, RankAllocator):
-        allocator.remove_hooks()
+    """Remove the AdaLoRA layers (merging first unless ``merge_adapter=False``)."""
     unload_layers(model, adalora_layers(model), merge_adapter)
-    for attr in ("deltatune_state", "deltatune_rank_allocator", "deltatune_after_step", "deltatune_extra_loss"):
-        if hasattr(model, attr):
-            delattr(model, attr)
+    if hasattr(model, "deltatune_state"):
+        delattr(model, "deltatune_state")
     return model
 
 
@@ -531,7 +556,7 @@ def load_peft(model: nn.Module, f: AdapterFile, name: str, *, trainable: bool = 
         _check_fingerprint(model, f.fingerprint, f.directory)
 
     # ---- all checks passed: now change the model
-    inject_adalora(model, cfg, name, train=False, ranks=ranks)
+    inject_adalora(model, cfg, name, ranks=ranks)
     with torch.no_grad():
         for mpath, got in parts.items():
             layer = model.get_submodule(mpath)

@@ -3,7 +3,11 @@
 A checkpoint is a directory ``<run>/checkpoints/step-000123/`` holding
   trainable.safetensors   every trainable parameter, by its name in ``model.named_parameters()``
   optimizer.safetensors   the optimizer's tensor state, keys ``state.<param index>.<name>``
-  state.json              optimizer scalars + param groups, scheduler state, progress, RNG seeds
+  state.json              optimizer scalars + param groups, scheduler state, progress, and each
+                          hook's JSON state under "hooks" → name (its tensors are in
+                          optimizer.safetensors as ``hook.<name>.<key>``; RNG states as ``rng.*``)
+Checkpoints written before hooks existed kept AdaLoRA's allocator state under "method" and
+``method.<key>``; they load into the hook named ``adalora_ranks``.
 It is written to a temp directory and renamed into place, so a checkpoint is whole or absent.
 """
 
@@ -13,12 +17,18 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+if TYPE_CHECKING:
+    from .hooks import Hook
+
+_LEGACY_HOOK = "adalora_ranks"  # the one stateful method before hooks (state.json "method")
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint"]
 
@@ -46,9 +56,9 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, progress: dict[str, Any], method_state: Any = None, keep: int = 2) -> Path:
-    """Write checkpoint ``step`` atomically and keep only the newest ``keep``. ``method_state`` is an
-    object with ``state_dict()`` → {"tensors": {...}, **json} (AdaLoRA's allocator), or None."""
+                    scheduler: Any, progress: dict[str, Any], hooks: Sequence[Hook] = (), keep: int = 2) -> Path:
+    """Write checkpoint ``step`` atomically and keep only the newest ``keep``, with every hook's
+    ``state_dict()`` ({"tensors": {...}, **json})."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
@@ -61,15 +71,15 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
         if torch.cuda.is_available():
             for i, s in enumerate(torch.cuda.get_rng_state_all()):
                 opt_tensors[f"rng.cuda{i}"] = s
-        method_meta = None
-        if method_state is not None:
-            ms = dict(method_state.state_dict())
-            for k, t in ms.pop("tensors", {}).items():
-                opt_tensors[f"method.{k}"] = t.detach().contiguous().cpu()
-            method_meta = ms
+        hook_meta: dict[str, Any] = {}
+        for h in hooks:
+            hs = dict(h.state_dict())
+            for k, t in hs.pop("tensors", {}).items():
+                opt_tensors[f"hook.{h.name}.{k}"] = t.detach().contiguous().cpu()
+            hook_meta[h.name] = hs
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         state = {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(), "progress": progress,
-                 "method": method_meta}
+                 "hooks": hook_meta}
         (tmp / "state.json").write_text(json.dumps(state, indent=1, default=_json_default))
         if final.exists():
             shutil.rmtree(final)
@@ -80,6 +90,27 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
     for old in sorted(root.glob("step-*"))[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _load_hooks(path: Path, hooks: Sequence[Hook], state: dict[str, Any], opt_tensors: dict[str, torch.Tensor]) -> None:
+    """Give every hook its saved state (popping its tensors from ``opt_tensors``)."""
+    metas: dict[str, Any] = dict(state.get("hooks") or {})
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    for key in [k for k in opt_tensors if k.startswith(("hook.", "method."))]:
+        if key.startswith("method."):  # the pre-hook layout
+            name, sub = _LEGACY_HOOK, key[len("method."):]
+        else:
+            name, sub = key[len("hook."):].split(".", 1)
+        tensors.setdefault(name, {})[sub] = opt_tensors.pop(key)
+    if state.get("method") is not None:
+        metas[_LEGACY_HOOK] = state["method"]
+    names = {h.name for h in hooks}
+    if set(metas) - names:
+        raise ValueError(f"{path}: the checkpoint holds state of hooks {sorted(set(metas) - names)} that this run "
+                         f"does not have (it has {sorted(names)}); resume with the same config")
+    for h in hooks:
+        if h.name in metas:
+            h.load_state_dict({"tensors": tensors.get(h.name, {}), **metas[h.name]})
 
 
 def _json_default(o: Any) -> Any:
@@ -96,8 +127,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    method_state: Any = None) -> dict[str, Any]:
-    """Restore parameters, optimizer, scheduler and RNG; return the saved progress dict."""
+                    hooks: Sequence[Hook] = ()) -> dict[str, Any]:
+    """Restore parameters, optimizer, scheduler, hook states and RNG; return the saved progress dict."""
     try:
         params = load_file(str(path / "trainable.safetensors"))
         opt_tensors = load_file(str(path / "optimizer.safetensors"))
@@ -115,9 +146,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     with torch.no_grad():
         for n, t in params.items():
             named[n].copy_(t)
-    method_tensors = {k[len("method."):]: opt_tensors.pop(k) for k in [k for k in opt_tensors if k.startswith("method.")]}
-    if method_state is not None and state.get("method") is not None:
-        method_state.load_state_dict({"tensors": method_tensors, **state["method"]})
+    _load_hooks(path, hooks, state, opt_tensors)
     rng = opt_tensors.pop("rng.torch")
     cuda = {k: opt_tensors.pop(k) for k in [k for k in opt_tensors if k.startswith("rng.cuda")]}
     optimizer.load_state_dict(_unflatten_optimizer(opt_tensors, state["optimizer"]))

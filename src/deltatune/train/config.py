@@ -7,10 +7,11 @@ Every field's ``doc`` is shown by ``deltatune train --help``; each section valid
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from deltatune.methods.adalora import AdaLoraConfig
 from deltatune.methods.bottleneck import BottleneckConfig
@@ -26,6 +27,7 @@ __all__ = [
     "ModelConfig",
     "PartialConfig",
     "TrainConfig",
+    "section",
 ]
 
 # The methods `deltatune train` accepts. One constant on purpose: it is the seam where the method
@@ -263,9 +265,17 @@ def _default_lora() -> LoraConfig:
 
 
 @dataclass
-class TrainConfig:
-    """Everything ``deltatune train`` needs; YAML sections mirror the nested dataclasses."""
+class _TrainConfig:
+    """Everything ``deltatune train`` needs; YAML sections mirror the nested dataclasses.
 
+    ``TrainConfig`` (below) is this class plus one section per objective that has a ``Config``
+    dataclass (``registry.OBJECTIVES``), named after the objective; read it with :func:`section`."""
+
+    objective: str = field(
+        default="causal_lm",
+        metadata=_doc("What the run optimises: 'causal_lm' (next-token loss on the label tokens), or another "
+                      "name in deltatune.registry.OBJECTIVES."),
+    )
     model: ModelConfig = field(default_factory=ModelConfig, metadata=_doc("The base model."))
     method: str = field(
         default="lora",
@@ -304,6 +314,12 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
+        from ..registry import OBJECTIVES
+
+        _check(
+            self.objective in OBJECTIVES,
+            f"objective must be one of {', '.join(repr(o) for o in OBJECTIVES)}, got {self.objective!r}",
+        )
         _check(
             self.method in TRAIN_METHODS,
             f"method must be one of {', '.join(repr(m) for m in TRAIN_METHODS)}, got {self.method!r}",
@@ -334,3 +350,31 @@ class TrainConfig:
         """``output_dir`` with ``{timestamp}`` filled in (call once at the start of a run)."""
         stamp = (now or _dt.datetime.now()).strftime("%Y%m%d-%H%M%S")
         return Path(self.output_dir.replace(_TIMESTAMP, stamp))
+
+
+def _with_objective_sections(base: type) -> type:
+    """``base`` plus a field per objective ``Config`` (one dataclass + one registry row adds a section)."""
+    from ..registry import OBJECTIVES
+
+    extra = [(name, obj.Config, field(default_factory=obj.Config,
+                                      metadata=_doc(f"Settings of objective {name!r}: {obj.summary}.")))
+             for name, obj in OBJECTIVES.items() if obj.Config is not None]
+    return dataclasses.make_dataclass("TrainConfig", extra, bases=(base,),
+                                      namespace={"__doc__": base.__doc__, "__module__": __name__})
+
+
+if TYPE_CHECKING:
+    TrainConfig = _TrainConfig
+else:
+    TrainConfig = _with_objective_sections(_TrainConfig)
+
+_S = TypeVar("_S")
+
+
+def section(cfg: Any, name: str, cls: type[_S]) -> _S:
+    """The config section ``name`` of ``cfg``, checked to be a ``cls`` (typed access to the
+    sections that objectives add)."""
+    value = getattr(cfg, name, None)
+    if not isinstance(value, cls):
+        raise TypeError(f"config section {name!r} is {type(value).__name__}, expected {cls.__name__}")
+    return value
