@@ -136,6 +136,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"trainable params: {s['trainable_params']:,d} of {s['all_params']:,d} ({s['trainable_percent']:.3f}%)  "
           f"train {s['train_seconds']:.0f} s at {s['tokens_per_s']:.0f} tok/s; total {s['wall_seconds']:.0f} s; "
           f"peak memory {s['peak_memory_mb']:.0f} MiB")
+    from .train.forgetting import summary_lines
+
+    for line in summary_lines(s.get("forgetting", {})):
+        print(line)
     for ex in a.get("examples", [])[:2]:
         print(f"  reference:  {ex['reference']}\n  prediction: {ex['prediction']}")
     return 0

@@ -18,6 +18,8 @@ from deltatune.methods.bottleneck import BottleneckConfig
 from deltatune.methods.lora_config import LoraConfig
 from deltatune.methods.prompts import PromptConfig
 from deltatune.methods.vera import VeraConfig
+from deltatune.regularize.config import RegularizeConfig
+from deltatune.train.forgetting import ForgettingConfig
 
 __all__ = [
     "TRAIN_METHODS",
@@ -301,6 +303,10 @@ class _TrainConfig:
     data: DataConfig = field(default_factory=DataConfig, metadata=_doc("Training and evaluation data."))
     train: LoopConfig = field(default_factory=LoopConfig, metadata=_doc("Optimizer, schedule and loop."))
     eval: EvalConfig = field(default_factory=EvalConfig, metadata=_doc("Generation-based evaluation."))
+    forgetting: ForgettingConfig = field(
+        default_factory=ForgettingConfig, metadata=_doc("Forgetting report: reference-set loss and KL to the base."))
+    regularize: RegularizeConfig = field(
+        default_factory=RegularizeConfig, metadata=_doc("Penalties against forgetting: EWC, L2-SP, KL to the base."))
     output_dir: str = field(
         default=f"runs/{_TIMESTAMP}",
         metadata=_doc(

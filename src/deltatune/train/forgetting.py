@@ -377,3 +377,43 @@ def plot_learning_vs_forgetting(points: Sequence[dict[str, Any]], path: Path, *,
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
     return path
+
+
+# ------------------------------------------------------------------------------------------ in run()
+def probe_for_run(cfg: Any, objective: Any, model: nn.Module, out_dir: Path, autocast: Autocast) -> Forgetting | str:
+    """The run's probe, or the reason there is none (recorded in summary.json as ``skipped``).
+
+    Needs a language model (logits over a vocabulary) and a tokenizer; the built-in reference text
+    missing is a warning, a missing ``forgetting.reference_file`` an error."""
+    fcfg: ForgettingConfig | None = getattr(cfg, "forgetting", None)
+    if fcfg is None or not fcfg.enabled:
+        return "forgetting.enabled is false"
+    tok = getattr(objective, "tokenizer", None)
+    get_head = getattr(model, "get_output_embeddings", None)
+    if tok is None or not callable(get_head) or get_head() is None:
+        return f"objective {cfg.objective!r} / {type(model).__name__}: no language-model head to measure text with"
+    from ..regularize import adapter_method
+
+    try:
+        return Forgetting(fcfg, tok, adapters=adapter_method(cfg), out_dir=out_dir, autocast=autocast)
+    except FileNotFoundError as e:
+        if fcfg.reference_file:
+            raise
+        import logging
+
+        logging.getLogger("deltatune.train").warning("forgetting report skipped: %s", e)
+        return str(e)
+
+
+def finish_run(probe: Forgetting | str, model: nn.Module, summary: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """summary.json's ``forgetting`` section, and ``forgetting.png``: target loss vs reference loss."""
+    if isinstance(probe, str):
+        return {"skipped": probe}
+    report = probe.after(model)
+    before, after = summary.get("before", {}), summary.get("after", {})
+    if "eval_loss" in before and "eval_loss" in after:
+        plot_learning_vs_forgetting(
+            [{"label": "before", "x": before["eval_loss"], "y": 0.0},
+             {"label": "after", "x": after["eval_loss"], "y": report["loss_increase"]}],
+            out_dir / "forgetting.png", x_label="target held-out loss (learning: lower is better)")
+    return report

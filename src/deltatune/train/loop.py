@@ -34,6 +34,8 @@ from tqdm import tqdm
 from ..config import to_dict
 from ..io import atomic_write_bytes
 from ..registry import get_method, get_objective
+from ..regularize import report as hooks_report
+from . import forgetting
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import epoch_batches
@@ -102,6 +104,9 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
                                          processor=tokenizer if passed_in else None)
     _make_run_dir(cfg, out_dir)  # only now that the model and the data are ready
     ckpt = latest_checkpoint(out_dir) if cfg.resume else None
+    probe = forgetting.probe_for_run(cfg, obj, model, out_dir, rt.autocast)
+    if not isinstance(probe, str):
+        probe.before(model)  # full/partial/head: the base's reference log-probs, cached (reused on resume)
     before: dict[str, Any] = {}
     if ckpt is not None and (out_dir / "before.json").exists():
         before = json.loads((out_dir / "before.json").read_text())
@@ -201,6 +206,7 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
     # A model passed in is the caller's afterwards; one built here is dropped when run() returns.
     with merged_for_inference(model, restore_exact=passed_in):
         after = obj.evaluate(model, splits, rt, stage="after", out_dir=out_dir, progress=progress)
+    fgt = forgetting.finish_run(probe, model, {"before": before, "after": after}, out_dir)
     from .plots import plot_losses
 
     plot_losses(metrics_path, out_dir / "loss.png")
@@ -211,8 +217,10 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
         "steps": prog.step, "train_tokens": prog.tokens, "train_seconds": round(train_seconds, 2),
         "tokens_per_s": round(units_this_run / max(train_seconds, 1e-9), 1),
         "wall_seconds": round(time.perf_counter() - t_start, 2), "peak_memory_mb": round(rt.peak_memory_mb(), 1),
-        "data": splits.info, "final_loss": losses[-1] if losses else None,
+        "data": splits.info, "final_loss": losses[-1] if losses else None, "forgetting": fgt,
     }
+    if hooks_report(hooks):
+        summary["regularize"] = hooks_report(hooks)
     storage = _storage_report(model)
     if storage:
         summary["storage_bytes"] = storage
