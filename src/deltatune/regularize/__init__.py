@@ -8,7 +8,6 @@ weight, so the Fisher is the objective's own loss) and from the forgetting refer
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -27,8 +26,10 @@ def adapter_method(cfg: Any) -> bool:
     return get_method(cfg.method).saves == "adapter"
 
 
-def _total_steps(cfg: Any, n_train: int) -> int:  # the loop's own formula (train/loop.py)
-    per_epoch = max(1, math.ceil(n_train / cfg.train.batch_size) // cfg.train.grad_accum)
+def _total_steps(cfg: Any, splits: Any) -> int:  # the loop's own formula (train/loop.py)
+    from ..train.replay import batch_plan
+
+    per_epoch = max(1, len(batch_plan(cfg, splits, 0)) // cfg.train.grad_accum)
     return cfg.train.max_steps if cfg.train.max_steps > 0 else per_epoch * cfg.train.epochs
 
 
@@ -80,14 +81,15 @@ def build(cfg: Any, objective: Any, model: nn.Module, splits: Any, *, progress: 
         from .ewc import EwcHook
 
         rows = [] if reg.ewc.fisher_file else _fisher_rows(cfg, objective, splits)
-        train_rows = _spread(splits.train, reg.ewc.samples)
+        n_target = (splits.info.get("replay") or {}).get("target_rows", len(splits.train))  # replay rows last
+        train_rows = _spread(list(splits.train)[:n_target], reg.ewc.samples)
 
         def batches(rows: list[Any] = rows) -> Iterator[dict[str, Any]]:
             return (objective.collate([r]) for r in rows)
 
         hooks.append(EwcHook.create(
             reg.ewc, sites(model, "regularize.ewc"), batches, loss_fn, model, seed=cfg.train.seed,
-            samples_total=len(rows), total_steps=_total_steps(cfg, len(splits.train)),
+            samples_total=len(rows), total_steps=_total_steps(cfg, splits),
             online_batches=lambda: (objective.collate([r]) for r in train_rows), progress=progress))
     if reg.l2sp.weight > 0:
         from .l2sp import L2spHook

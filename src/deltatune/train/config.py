@@ -135,6 +135,10 @@ class DataConfig:
     skip_bad_records: bool = field(
         default=False, metadata=_doc("Skip and count malformed records instead of stopping at the first one.")
     )
+    replay_file: str | None = field(
+        default=None, metadata=_doc("Replay data (general or old-task examples, any train format) mixed into every batch."))
+    replay_ratio: float = field(
+        default=0.0, metadata=_doc("Fraction of each batch's examples drawn from replay_file (0 = off; < 1)."))
     num_train: int = field(default=320, metadata=_doc("Built-in task only: number of training examples."))
     num_eval: int = field(default=40, metadata=_doc("Built-in task only: number of evaluation examples."))
     seed: int = field(default=0, metadata=_doc("Built-in task only: generation seed."))
@@ -143,6 +147,9 @@ class DataConfig:
         _check(self.max_length >= 8, f"data.max_length must be >= 8 tokens, got {self.max_length}")
         _check(self.num_train > 0, f"data.num_train must be > 0, got {self.num_train}")
         _check(self.num_eval >= 0, f"data.num_eval must be >= 0, got {self.num_eval}")
+        _check(0.0 <= self.replay_ratio < 1.0, f"data.replay_ratio must be in [0, 1), got {self.replay_ratio}")
+        _check(not (self.replay_ratio > 0 and not self.replay_file),
+               "data.replay_ratio > 0 needs data.replay_file (the examples to replay)")
         for name in ("train_file", "eval_file"):
             value = getattr(self, name)
             _check(

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,10 +34,9 @@ from ..config import to_dict
 from ..io import atomic_write_bytes
 from ..registry import get_method, get_objective
 from ..regularize import report as hooks_report
-from . import forgetting
+from . import forgetting, replay
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import epoch_batches
 from .hooks import RunInfo, after_step, check_hooks, extra_loss, regularisers
 from .inference import merged_for_inference
 from .optim import lr_lambda, make_optimizer, make_scheduler
@@ -102,6 +100,7 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
                         else cfg.model.device)
     model, processor, splits = obj.setup(cfg, rt, model=model if passed_in else None,
                                          processor=tokenizer if passed_in else None)
+    splits = replay.mix(cfg, obj, splits)  # data.replay_file: replay rows appended to train
     _make_run_dir(cfg, out_dir)  # only now that the model and the data are ready
     ckpt = latest_checkpoint(out_dir) if cfg.resume else None
     probe = forgetting.probe_for_run(cfg, obj, model, out_dir, rt.autocast)
@@ -114,7 +113,7 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
         before = obj.evaluate(model, splits, rt, stage="before", out_dir=out_dir, progress=progress)
         atomic_write_bytes(out_dir / "before.json", json.dumps(before, indent=2).encode())
 
-    per_epoch = max(1, math.ceil(len(splits.train) / cfg.train.batch_size) // cfg.train.grad_accum)
+    per_epoch = max(1, len(replay.batch_plan(cfg, splits, 0)) // cfg.train.grad_accum)
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else per_epoch * cfg.train.epochs
     info = RunInfo(total_steps=total_steps, steps_per_epoch=per_epoch, world=rt.world, processor=processor)
     hooks = check_hooks(method.apply(model, cfg, info) + regularisers(cfg, obj, model, splits))
@@ -148,7 +147,7 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
     ga = cfg.train.grad_accum
     with StopFlag() as stop, open(metrics_path, "a") as metrics:
         while prog.step < total_steps and not interrupted:
-            batches = epoch_batches(len(splits.train), cfg.train.batch_size, cfg.train.seed, prog.epoch)
+            batches = replay.batch_plan(cfg, splits, prog.epoch)  # epoch_batches, or replay-mixed
             # Whole accumulation windows only; a ragged tail of micro-batches rolls into the next epoch's order.
             usable = (len(batches) // ga) * ga or len(batches)
             while prog.micro_done < usable and prog.step < total_steps:
