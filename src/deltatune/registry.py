@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +34,8 @@ class Method:
     summary: str  # one line for --help and the README table: Δf(x) and what trains
     apply: Callable[[nn.Module, Any, RunInfo], list[Hook]]
     saves: str  # "adapter" (PEFT-format adapter dir) or "model" (full HF checkpoint)
+    # Writes the method's own files into the run directory instead of the default for `saves` (mix).
+    save: Callable[[nn.Module, Path], None] | None = None
 
 
 def _apply_lora(model: nn.Module, cfg: Any, info: RunInfo) -> list[Hook]:
@@ -151,6 +154,19 @@ def _apply_bottleneck(model: nn.Module, cfg: Any, info: RunInfo) -> list[Hook]:
     return []
 
 
+def _apply_mix(model: nn.Module, cfg: Any, info: RunInfo) -> list[Hook]:
+    from .compose.mix import apply_mix
+
+    apply_mix(model, cfg.mix)
+    return []
+
+
+def _save_mix(model: nn.Module, out_dir: Path) -> None:
+    from .compose.mix import save_mix
+
+    save_mix(model, out_dir)
+
+
 def _prompt_apply(kind: str, projection: bool | None) -> Callable[[nn.Module, Any, RunInfo], list[Hook]]:
     """The three prompt methods share the ``prompt:`` section; the method picks the seam (and P-Tuning v2
     is prefix tuning without the MLP reparameterisation)."""
@@ -189,6 +205,8 @@ METHODS: dict[str, Method] = {
                             "MLP, folded when saved); trains l·L·2·d_kv", _prompt_apply("prefix", None), "adapter"),
     "p_tuning_v2": Method("p_tuning_v2", "P-Tuning v2: a deep prompt at every layer, as key/value prefixes without "
                           "reparameterisation; trains l·L·2·d_kv", _prompt_apply("prefix", False), "adapter"),
+    "mix": Method("mix", "mixing weights: Σₙ λₙ·sₙ·Bₙ(Aₙx) over frozen LoRA adapters (mix.adapters); trains one λ "
+                  "per adapter (× layer or module with mix.granularity)", _apply_mix, "adapter", save=_save_mix),
 }
 
 

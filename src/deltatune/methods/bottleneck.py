@@ -315,7 +315,7 @@ def save_peft(model: nn.Module, path: Path, name: str) -> Path:
     """
     from safetensors.torch import save
 
-    from ..io import CONFIG_NAME, WEIGHTS_NAME, atomic_write_bytes
+    from ..io import CONFIG_NAME, WEIGHTS_NAME, atomic_write_bytes, base_name_or_path
 
     config = _state(model).configs[name]
     assert isinstance(config, BottleneckConfig)
@@ -327,12 +327,11 @@ def save_peft(model: nn.Module, path: Path, name: str) -> Path:
             for part, lin in zip(("down", "up"), layer.linears(name)):
                 tensors[f"{p}.{part}.weight"] = lin.weight.detach().float().cpu().contiguous().clone()
                 tensors[f"{p}.{part}.bias"] = lin.bias.detach().float().cpu().contiguous().clone()
-    cfg = getattr(model, "config", None)
     meta = {"format": "pt", "deltatune_fingerprint": json.dumps(_fingerprint(model, paths))}
     can_generate = getattr(model, "can_generate", None)
     out = {"peft_type": BottleneckConfig.PEFT_TYPE, "format_version": FORMAT_VERSION,
            "task_type": "CAUSAL_LM" if callable(can_generate) and can_generate() else None,
-           "base_model_name_or_path": getattr(cfg, "_name_or_path", None) or None, **asdict(config)}
+           "base_model_name_or_path": base_name_or_path(model), **asdict(config)}
     path.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path / WEIGHTS_NAME, save(tensors, metadata=meta))
     atomic_write_bytes(path / CONFIG_NAME, (json.dumps(out, indent=2, sort_keys=True) + "\n").encode())

@@ -108,6 +108,10 @@ class LoraLayer(nn.Module):
         # Per-sample adapter selection for the next forward calls: one name (or None = base) per row
         # of dim 0. Set by deltatune.adapter_per_sample(); None means "use self.active for all rows".
         self.per_sample: list[str | None] | None = None
+        # Mixing weights λ of active adapters (deltatune.compose.set_weighted): h = W₀x + Σ λₙ·sₙ·Bₙ(Aₙx),
+        # computed in the factors (ΔW never formed). A float, or a 0-d tensor that trains (method 'mix').
+        # Absent = 1; cleared by set_active.
+        self.weights: dict[str, float | torch.Tensor] = {}
 
     # ---------------------------------------------------------------- construction
     def add(self, name: str, r: int, alpha: float, *, dropout: float = 0.0, rslora: bool = False,
@@ -150,6 +154,7 @@ class LoraLayer(nn.Module):
         if name in self.merged:
             raise RuntimeError(f"adapter {name!r} is merged; unmerge before deleting it")
         self.adapters.pop(name)
+        self.weights.pop(name, None)
         for store in (self.lora_A, self.lora_B, self.lora_embedding_A, self.lora_embedding_B):
             if name in store:
                 del store[name]
@@ -168,7 +173,7 @@ class LoraLayer(nn.Module):
     def delta(self, name: str) -> torch.Tensor:
         """s·ΔW for adapter ``name`` in the base weight's layout and dtype-free fp32."""
         a, b = self.factors(name)
-        return delta_weight(self.kind, a, b, self.adapters[name].scale)
+        return delta_weight(self.kind, a, b, self.adapters[name].scale * float(self.weights.get(name, 1.0)))
 
     def merge(self, names: list[str] | None = None) -> None:
         for name in names if names is not None else list(self.active):
@@ -219,10 +224,20 @@ class LoraLayer(nn.Module):
             # factors, never x. Gradients still reach the fp32 masters through the casts. Under
             # autocast F.linear casts by itself; the in-place addmm_ needs explicit dtypes.
             xa = F.linear(x2, a if torch.is_autocast_enabled() else a.to(x2.dtype))  # (N, r)
-        return out.addmm_(xa.to(out.dtype), b.t().to(out.dtype), alpha=ad.scale)
+        lam = self.weights.get(name, 1.0)
+        if isinstance(lam, torch.Tensor):
+            xa = xa * lam.to(xa.dtype)  # (N, r): a trainable λ scales the rank-r activations, not ΔW
+            lam = 1.0
+        return out.addmm_(xa.to(out.dtype), b.t().to(out.dtype), alpha=ad.scale * lam)
 
     def _delta_out(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """s·B(A·drop(x)) for any kind, out of place, shaped like the base output."""
+        """λ·s·B(A·drop(x)) for any kind, out of place, shaped like the base output."""
+        lam = self.weights.get(name)
+        if lam is not None:
+            return self._delta_out_unweighted(x, name) * lam
+        return self._delta_out_unweighted(x, name)
+
+    def _delta_out_unweighted(self, x: torch.Tensor, name: str) -> torch.Tensor:
         ad = self.adapters[name]
         if self.kind == "embedding":
             a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]

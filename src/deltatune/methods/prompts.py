@@ -475,7 +475,7 @@ def save_peft(model: nn.Module, path: Path, name: str) -> Path:
     init = config.resolved_init()
     out: dict[str, Any] = {
         "peft_type": _PEFT_TYPE[config.kind], "task_type": _task_type(model),
-        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "base_model_name_or_path": _base_name(model),
         "revision": None, "inference_mode": True, "modules_to_save": None, "auto_mapping": None,
         "num_virtual_tokens": config.num_virtual_tokens, "num_transformer_submodules": 1,
         "num_layers": dims.num_layers,
@@ -549,3 +549,9 @@ def load_peft(model: nn.Module, f: AdapterFile, name: str, *, trainable: bool = 
         assert seam is not None
         seam.encoders[name].requires_grad_(False)
     return model
+
+
+def _base_name(model: nn.Module) -> str | None:
+    from ..io import base_name_or_path
+
+    return base_name_or_path(model)

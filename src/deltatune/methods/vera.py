@@ -287,7 +287,9 @@ def save_peft(model: nn.Module, path: Path, name: str) -> Path:
     paths = sorted(p for p, _ in layers)
     meta = {"format": "pt", "deltatune_fingerprint": json.dumps(fingerprint(model, paths)),
             "deltatune_b_init": cfg.b_init}
-    name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    from ..io import base_name_or_path
+
+    name_or_path = base_name_or_path(model)
     peft_cfg = {
         "peft_type": "VERA",
         "task_type": "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None,

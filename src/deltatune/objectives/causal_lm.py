@@ -148,8 +148,8 @@ class CausalLM(Objective):
         if stage == "during":
             return {"eval_loss": out["eval_loss"]} if out else {}
         if ecfg.exact_match and data.eval_prompts:
+            from ..generate import generate_texts
             from ..tasks import exact_match, score_exact_match
-            from ..train.evaluate import generate_texts
 
             t0 = time.perf_counter()
             preds = generate_texts(model, self.tokenizer, data.eval_prompts, max_new_tokens=ecfg.max_new_tokens,
@@ -170,7 +170,11 @@ class CausalLM(Objective):
     def save(self, model: nn.Module, out_dir: Path) -> None:
         from ..registry import get_method
 
-        if get_method(self.cfg.method).saves == "adapter":
+        method = get_method(self.cfg.method)
+        if method.save is not None:  # the method writes its own files (mix: λ + the composed adapter)
+            method.save(model, out_dir)
+            return
+        if method.saves == "adapter":
             from ..io import save_adapter
 
             save_adapter(model, out_dir / "adapter")

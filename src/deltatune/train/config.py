@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+from deltatune.compose.mix import MixConfig
 from deltatune.methods.adalora import AdaLoraConfig
 from deltatune.methods.bottleneck import BottleneckConfig
 from deltatune.methods.lora_config import LoraConfig
@@ -35,7 +36,7 @@ __all__ = [
 # The methods `deltatune train` accepts. One constant on purpose: it is the seam where the method
 # registry (deltatune.registry) will take over.
 TRAIN_METHODS: tuple[str, ...] = ("lora", "qlora", "dora", "vera", "adalora", "full", "head", "partial",
-                                  "bottleneck", "prompt_tuning", "prefix_tuning", "p_tuning_v2")
+                                  "bottleneck", "prompt_tuning", "prefix_tuning", "p_tuning_v2", "mix")
 
 _TIMESTAMP = "{timestamp}"
 
@@ -307,6 +308,8 @@ class _TrainConfig:
     adalora: AdaLoraConfig = field(
         default_factory=AdaLoraConfig, metadata=_doc("AdaLoRA settings (method 'adalora').")
     )
+    mix: MixConfig = field(default_factory=MixConfig, metadata=_doc(
+        "Learnable mixing weights over frozen LoRA adapters (method 'mix')."))
     data: DataConfig = field(default_factory=DataConfig, metadata=_doc("Training and evaluation data."))
     train: LoopConfig = field(default_factory=LoopConfig, metadata=_doc("Optimizer, schedule and loop."))
     eval: EvalConfig = field(default_factory=EvalConfig, metadata=_doc("Generation-based evaluation."))

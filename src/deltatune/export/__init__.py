@@ -1,0 +1,1 @@
+"""Export for other runtimes: ``gguf`` (llama.cpp) — a merged model or a LoRA adapter file."""
