@@ -68,7 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("merge", help="merge an adapter into its base and write a plain HF model directory")
     m.add_argument("--model", default="default")
-    m.add_argument("--adapter", required=True)
+    m.add_argument("--adapter", help="adapter directory (PEFT format)")
+    m.add_argument("--finetuned", help="with --scale: a fully fine-tuned model directory (θ) to interpolate "
+                                       "with --model (θ₀) instead of an adapter")
+    m.add_argument("--scale", type=float, default=1.0,
+                   help="WiSE-FT α: W₀ + α·ΔW (adapter) or θ₀ + α(θ − θ₀) (--finetuned); 1 = plain merge")
     m.add_argument("--out", required=True)
     m.add_argument("--dtype", default="auto", help="weights dtype of the merged model (auto/bf16/fp32)")
     m.add_argument("--into-4bit", action="store_true",
@@ -76,6 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "prints the error merging adds (max |Δ logit|, perplexity change)")
     m.add_argument("--data", help="with --into-4bit: reference text for the error report (a data file; "
                                   "default: the built-in task's held-out examples)")
+
+    w = sub.add_parser("wise-sweep", help="WiSE-FT: target score vs forgetting for several α in one table")
+    w.add_argument("--model", default="default", help="the base model (θ₀)")
+    wsrc = w.add_mutually_exclusive_group(required=True)
+    wsrc.add_argument("--adapter", help="adapter directory: α scales its ΔW")
+    wsrc.add_argument("--finetuned", help="fully fine-tuned model directory: θ₀ + α(θ − θ₀)")
+    w.add_argument("--alphas", default="0,0.25,0.5,0.75,1", help="comma-separated α values")
+    w.add_argument("--data", help="target evaluation data (a data file; default: the built-in task's held-out set)")
+    w.add_argument("--no-generate", action="store_true", help="target loss only (no exact match)")
+    w.add_argument("--reference-file", help="forgetting reference text (default: built-in Wikipedia leads)")
+    w.add_argument("--max-new-tokens", type=int, default=64)
+    w.add_argument("--json", help="also write the rows to this JSON file")
 
     q = sub.add_parser("quantize", help="write a 4-bit (NF4) checkpoint that transformers + bitsandbytes load")
     q.add_argument("model", help="'default', an HF model directory or a .gguf file")
@@ -215,8 +231,23 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     if args.into_4bit:
         return _merge_into_4bit(args)
-    model, tok = _load(args.model, args.adapter, args.dtype)
-    plain: Any = unload(model)
+    if (args.adapter is None) == (args.finetuned is None):
+        raise SystemExit("merge: give --adapter (or, with --scale, --finetuned)")
+    if args.finetuned is not None:
+        from .wise import interpolate
+
+        base, _ = _load(args.model, None, args.dtype)
+        plain: Any
+        plain, tok = _load(args.finetuned, None, args.dtype)
+        interpolate(plain, base.state_dict(), args.scale)
+    elif args.scale != 1.0:
+        from .wise import merge_scaled
+
+        model, tok = _load(args.model, args.adapter, args.dtype)
+        plain = merge_scaled(model, args.scale)
+    else:
+        model, tok = _load(args.model, args.adapter, args.dtype)
+        plain = unload(model)
     out = Path(args.out)
     plain.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
@@ -246,6 +277,18 @@ def _merge_into_4bit(args: argparse.Namespace) -> int:
     print("\n".join(format_merge_report(report)))
     print(f"merged 4-bit model written to {args.out} (report in merge_report.json; loads with "
           "transformers + bitsandbytes, or deltatune --model)")
+    return 0
+
+
+def cmd_wise_sweep(args: argparse.Namespace) -> int:
+    from .wise import format_sweep, sweep_cli
+
+    rows = sweep_cli(args)
+    print("\n".join(format_sweep(rows)))
+    if args.json:
+        from .io import atomic_write_bytes
+
+        atomic_write_bytes(args.json, json.dumps(rows, indent=2).encode())
     return 0
 
 
@@ -383,7 +426,7 @@ def cmd_compose(args: argparse.Namespace) -> int:
     return run(args)
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "merge": cmd_merge, "eval": cmd_eval, "info": cmd_info,
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "merge": cmd_merge, "wise-sweep": cmd_wise_sweep, "eval": cmd_eval, "info": cmd_info,
             "quantize": cmd_quantize, "compose": cmd_compose, "serve": cmd_serve,
             "export": cmd_export}
 
