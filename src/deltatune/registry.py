@@ -22,6 +22,7 @@ from torch import nn
 
 from .objectives.base import Objective
 from .objectives.causal_lm import CausalLM
+from .objectives.multitask import MultiTask
 from .train.hooks import Hook, RunInfo
 
 __all__ = ["Method", "METHODS", "OBJECTIVES", "method_names", "get_method", "get_objective", "block_list",
@@ -212,6 +213,7 @@ METHODS: dict[str, Method] = {
 
 OBJECTIVES: dict[str, type[Objective]] = {
     "causal_lm": CausalLM,
+    "multitask": MultiTask,
 }
 
 

@@ -93,6 +93,11 @@ class Objective(ABC):
         """Metrics of ``model`` on ``splits.eval`` (model mode restored afterwards). Keys are the
         objective's own (``eval_loss``, ``exact_match``, ``accuracy`` …); "during" returns cheap ones."""
 
+    def after_apply(self, model: nn.Module) -> None:
+        """Called once after the method's apply, before the trainable parameters are collected: what
+        the objective itself adds to the trained set whatever the method (classify: its new head)."""
+        return None
+
     @abstractmethod
     def save(self, model: nn.Module, out_dir: Path) -> None:
         """Write the trained result under ``out_dir`` (an adapter dir, an HF model dir …)."""

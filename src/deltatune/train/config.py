@@ -136,6 +136,14 @@ class DataConfig:
     skip_bad_records: bool = field(
         default=False, metadata=_doc("Skip and count malformed records instead of stopping at the first one.")
     )
+    tasks: dict[str, str] = field(
+        default_factory=dict, metadata=_doc(
+            "Multi-task adapters (objective 'multitask'): task name → data file; one adapter per task, each "
+            "example routed to its task's adapter, saved under adapters/<task>/."))
+    task_weights: dict[str, float] = field(
+        default_factory=dict, metadata=_doc(
+            "Multi-task: examples per epoch relative to the task's file size (e.g. {a: 2.0} repeats task a twice); "
+            "default 1."))
     replay_file: str | None = field(
         default=None, metadata=_doc("Replay data (general or old-task examples, any train format) mixed into every batch."))
     replay_ratio: float = field(
@@ -148,6 +156,9 @@ class DataConfig:
         _check(self.max_length >= 8, f"data.max_length must be >= 8 tokens, got {self.max_length}")
         _check(self.num_train > 0, f"data.num_train must be > 0, got {self.num_train}")
         _check(self.num_eval >= 0, f"data.num_eval must be >= 0, got {self.num_eval}")
+        _check(all(w > 0 for w in self.task_weights.values()), f"data.task_weights must be > 0, got {self.task_weights}")
+        _check(set(self.task_weights) <= set(self.tasks),
+               f"data.task_weights names tasks {sorted(set(self.task_weights) - set(self.tasks))} that data.tasks lacks")
         _check(0.0 <= self.replay_ratio < 1.0, f"data.replay_ratio must be in [0, 1), got {self.replay_ratio}")
         _check(not (self.replay_ratio > 0 and not self.replay_file),
                "data.replay_ratio > 0 needs data.replay_file (the examples to replay)")

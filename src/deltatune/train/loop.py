@@ -116,7 +116,9 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
     per_epoch = max(1, len(replay.batch_plan(cfg, splits, 0)) // cfg.train.grad_accum)
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else per_epoch * cfg.train.epochs
     info = RunInfo(total_steps=total_steps, steps_per_epoch=per_epoch, world=rt.world, processor=processor)
-    hooks = check_hooks(method.apply(model, cfg, info) + regularisers(cfg, obj, model, splits))
+    hooks = method.apply(model, cfg, info)
+    obj.after_apply(model)  # e.g. a classifier's new head, one adapter per task; before the regularisers see it
+    hooks = check_hooks(hooks + regularisers(cfg, obj, model, splits))
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"method {cfg.method!r} left no trainable parameter")
