@@ -17,6 +17,7 @@ machines and Python versions, and spread over all topics rather than alphabetica
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -51,15 +52,19 @@ def wiki_summaries_path() -> Path:
 
 
 def wiki_texts(path: Path | None = None) -> list[str]:
-    """All lead sections, in the fixed SHA-256-of-title order."""
-    path = path or wiki_summaries_path()
+    """All lead sections, in the fixed SHA-256-of-title order (parsed once per process)."""
+    return list(_wiki_texts(path or wiki_summaries_path()))
+
+
+@functools.lru_cache(maxsize=2)
+def _wiki_texts(path: Path) -> tuple[str, ...]:
     try:
         data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise DataError(f"{path}: cannot read the Wikipedia summaries ({e})") from e
     items = [(hashlib.sha256(title.encode()).hexdigest(), rec.get("extract", ""))
              for title, rec in data.items() if isinstance(rec, dict)]
-    return [text.strip() for _, text in sorted(items) if isinstance(text, str) and text.strip()]
+    return tuple(text.strip() for _, text in sorted(items) if isinstance(text, str) and text.strip())
 
 
 def text_rows(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_tokens: int,
