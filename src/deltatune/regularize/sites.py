@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,6 +41,7 @@ class Site:
     param: torch.Tensor  # the tensor whose shape the weights (Fisher) have, and whose grad estimates it
     star: torch.Tensor | None  # θ* for a trained parameter; None for a LoRA base (θ* = W₀ itself)
     change: Callable[[], torch.Tensor]  # θ − θ* or ΔW, differentiable, fp32, shaped like ``param``
+    lora: tuple[LoraLayer, str] | None = None  # a LoRA site with one active adapter: the fast path
 
 
 def lora_delta(layer: LoraLayer, name: str) -> torch.Tensor:
@@ -93,7 +95,8 @@ def sites(model: nn.Module, what: str = "regularize") -> list[Site]:
                 total = total + lora_delta(layer, n)
             return total
 
-        out.append(Site(names.get(id(w0), f"{path}.base_layer.weight"), w0, None, change))
+        fast = (layer, active[0]) if len(active) == 1 and layer.kind in ("linear", "conv1d", "embedding") else None
+        out.append(Site(names.get(id(w0), f"{path}.base_layer.weight"), w0, None, change, fast))
     for n, p in model.named_parameters():
         if p.requires_grad and id(p) not in covered:
             star = at_least_fp32(p.detach()).clone()
@@ -104,6 +107,34 @@ def sites(model: nn.Module, what: str = "regularize") -> list[Site]:
             out.append(Site(n, p, star, moved))
     if not out:
         raise ValueError(f"{what}: the model has no trainable parameter to regularise")
+    return out
+
+
+class _LowRankQuad(torch.autograd.Function):
+    """Σ w ⊙ (s·BA)² for one LoRA layer with its gradients formed in the forward pass:
+    ∂/∂B = 2s·(w⊙ΔW)·Aᵀ (d, r) and ∂/∂A = 2s·Bᵀ·(w⊙ΔW) (r, k) are all that is kept, so ΔW (d, k)
+    is built once and freed at once (the checkpointed route builds it twice and back-propagates
+    through it: 1.6× the cost on the default model)."""
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor | None, scale: float,
+                transposed: bool) -> torch.Tensor:
+        a32, b32 = at_least_fp32(a.detach()), at_least_fp32(b.detach())  # (r, k), (d, r)
+        dw = (b32 @ a32) * scale  # (d, k)
+        g = dw if weight is None else dw * (weight.t() if transposed else weight)  # w stored as (k, d) when transposed
+        ctx.save_for_backward((2 * scale) * (b32.t() @ g), (2 * scale) * (g @ a32.t()))
+        ctx.dtypes = (a.dtype, b.dtype)
+        return (g * dw).sum()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        ga, gb = ctx.saved_tensors
+        return (grad * ga).to(ctx.dtypes[0]), (grad * gb).to(ctx.dtypes[1]), None, None, None
+
+
+def _lora_quad(layer: LoraLayer, name: str, weight: torch.Tensor | None) -> torch.Tensor:
+    a, b = layer.factors(name)
+    out: torch.Tensor = _LowRankQuad.apply(a, b, weight, layer.adapters[name].scale, layer.kind != "linear")
     return out
 
 
@@ -120,7 +151,9 @@ def quadratic(site_list: list[Site], weights: dict[str, torch.Tensor] | None = N
     with torch.autocast(device_type=device.type, enabled=False):
         for s in site_list:
             w = weights[s.name] if weights is not None else None
-            if torch.is_grad_enabled():
+            if s.lora is not None:
+                total = total + _lora_quad(*s.lora, w)
+            elif torch.is_grad_enabled():
                 total = total + checkpoint(_weighted_square, s.change, w, use_reentrant=False)
             else:
                 total = total + _weighted_square(s.change, w)
