@@ -251,10 +251,11 @@ def main() -> None:
     (out / "rows.json").write_text(json.dumps(rows, indent=2))
     from deltatune.train.forgetting import plot_learning_vs_forgetting
 
-    pts = [{"label": r["name"], "x": r["target_em"], "y": r["ref_loss_increase"]} for r in rows
-           if "error" not in r and r.get("target_em") is not None and r.get("ref_loss_increase") is not None]
+    pts = [{"label": r["name"], "x": r["target_em"], "y": r["kl_mean"]} for r in rows
+           if "error" not in r and r.get("target_em") is not None and r.get("kl_mean") is not None]
     if pts:
-        plot_learning_vs_forgetting(pts, out / "forgetting.png", x_label="target exact match (learning)")
+        plot_learning_vs_forgetting(pts, out / "forgetting.png", x_label="target exact match (learning)",
+                                    y_label="KL(p_base || p_adapted) on the reference set, nats (forgetting)")
         print(f"scatter: {out / 'forgetting.png'}")
 
 
