@@ -18,7 +18,7 @@ RT_VENV := .venv-runtime
 RT_BIN := $(RT_VENV)/bin
 SMOKE_DIR := build/smoke
 
-.PHONY: setup setup-dev setup-runtime demo smoke test test-slow lint typecheck bench clean
+.PHONY: setup setup-dev setup-runtime demo smoke test test-slow lint typecheck bench clean mini-sd bench-dreambooth
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -70,6 +70,16 @@ test: setup-dev lint smoke
 
 test-slow: setup-dev
 	$(BIN)/python -m pytest -q -m slow
+
+# The DreamBooth miniature: a Stable Diffusion-layout pipeline pretrained on Fashion-MNIST (Debian's
+# dataset-fashion-mnist, fetched with apt-get download into the cache). The committed copy in
+# assets/mini-sd-fashion is what this rebuilds (~15 min on a quiet 2-core CPU; skipped when present).
+MINI_SD ?= assets/mini-sd-fashion
+mini-sd: setup
+	$(BIN)/python -m deltatune.diffusion.miniature --if-missing --out $(MINI_SD)
+
+bench-dreambooth: setup-dev mini-sd
+	$(BIN)/python benchmarks/bench_dreambooth.py --pipeline $(MINI_SD)
 
 clean:
 	rm -rf $(VENV) $(RT_VENV) build dist src/*.egg-info

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import resource
@@ -149,7 +150,7 @@ def worker(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     import transformers  # noqa: F401  (import cost counted in the baseline, as every variant pays it)
 
     from deltatune.models import load_model
-    from deltatune.registry import get_method
+    from deltatune.registry import apply_method
     from deltatune.train.config import TrainConfig
     from deltatune.train.hooks import RunInfo
 
@@ -162,10 +163,10 @@ def worker(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     cfg = TrainConfig()  # lora: r=16, alpha=32, all-linear (the 7 projections), dropout 0
     if variant in ("lora", "qlora"):  # what `deltatune train --set method=...` does after loading
         model, _ = load_model("default", dtype="fp32")
-        get_method(variant).apply(model, cfg, info)
+        apply_method(model, dataclasses.replace(cfg, method=variant), info)
     elif variant == "qlora_ckpt":  # QLoRA from a pre-quantized checkpoint: method lora over Linear4bit
         model, _ = load_model(args.ckpt, dtype="fp32")
-        get_method("lora").apply(model, cfg, info)
+        apply_method(model, cfg, info)
     elif variant == "peft_bnb":
         import peft
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig

@@ -18,9 +18,9 @@ import time
 import torch
 
 from deltatune.config import from_dict
+from deltatune.data import collate, epoch_batches, prepare_data
 from deltatune.models import load_model
 from deltatune.train.config import TrainConfig
-from deltatune.train.data import collate, epoch_batches, prepare_data
 from deltatune.train.loop import run
 
 

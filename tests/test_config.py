@@ -21,7 +21,8 @@ from deltatune.config import (
     to_dict,
 )
 from deltatune.methods.lora_config import LoraConfig
-from deltatune.train.config import TRAIN_METHODS, TrainConfig
+from deltatune.registry import METHODS
+from deltatune.train.config import TrainConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -97,7 +98,7 @@ def test_partial_section_keeps_the_parents_defaults() -> None:
 
 
 def test_post_init_errors_are_wrapped_with_source_and_section() -> None:
-    with pytest.raises(ConfigError, match=r"my.yaml: invalid 'lora': LoraConfig.r must be a positive"):
+    with pytest.raises(ConfigError, match=r"my.yaml: invalid 'lora': lora.r must be an integer >= 1"):
         from_dict(TrainConfig, {"lora": {"r": 0}}, where="my.yaml")
 
 
@@ -139,7 +140,7 @@ def test_apply_overrides() -> None:
         ("lora.lora_alpha=4", "did you mean 'lora.alpha'"),  # PEFT's spelling
         ("train.lr.x=1", "'train.lr' is a float value, not a section"),
         ("train.lr", "must look like 'section.key=value'"),
-        ("lora.r=-1", "LoraConfig.r must be a positive integer"),
+        ("lora.r=-1", "lora.r must be an integer >= 1"),
         ("train.lr=abc", "'train.lr' expects float"),
     ],
 )
@@ -200,7 +201,7 @@ def test_missing_docs_detects_undocumented_fields() -> None:
 
 def test_train_config_defaults_and_validation() -> None:
     cfg = TrainConfig()
-    assert cfg.method == "lora" and cfg.method in TRAIN_METHODS
+    assert cfg.method == "lora" and cfg.method in METHODS
     assert isinstance(cfg.lora, LoraConfig)
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.target_modules) == (16, 32.0, "all-linear")
     assert cfg.data.train_file is None and (cfg.data.num_train, cfg.data.num_eval) == (320, 40)
@@ -237,7 +238,7 @@ def test_shipped_configs_exist() -> None:
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_shipped_config_parses(path: Path) -> None:
     cfg = from_dict(TrainConfig, load_yaml(path), where=str(path))
-    assert cfg.method in TRAIN_METHODS
+    assert cfg.method in METHODS
 
 
 def test_default_yaml_is_exactly_the_defaults() -> None:

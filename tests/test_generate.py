@@ -230,3 +230,23 @@ def test_bank_refuses_dora_and_merged_adapters():
     deltatune.merge(model)
     with pytest.raises(ValueError, match="merged"):
         AdapterBank(model)
+
+
+def test_bank_on_a_bf16_base_matches_each_adapter_alone():
+    model = _with_adapters().to(torch.bfloat16)
+    ids = torch.randint(4, 400, (4, 6), generator=torch.Generator().manual_seed(2))
+    names = ["b", "a", None, "c"]
+    refs = []
+    with torch.no_grad():
+        for i, n in enumerate(names):
+            if n is None:
+                with deltatune.disable_adapters(model):
+                    refs.append(model(ids[i : i + 1]).logits.float())
+            else:
+                deltatune.set_active(model, n)
+                refs.append(model(ids[i : i + 1]).logits.float())
+        bank = AdapterBank(model)
+        with bank.route(names):
+            mixed = model(ids).logits
+    assert mixed.dtype == torch.bfloat16
+    torch.testing.assert_close(mixed.float(), torch.cat(refs), rtol=0.05, atol=0.05)

@@ -9,6 +9,7 @@
   deltatune export --format gguf [--model SPEC] [--adapter DIR [--merge]] --out FILE.gguf [--outtype f16]
   deltatune info  DIR   (adapter or model directory)
   deltatune compose --adapter DIR --adapter DIR [...] [--weights 0.7,0.3] [--method NAME] --out DIR
+  deltatune dreambooth --model PIPELINE_DIR --instance-dir DIR --instance-prompt "a sks dog" [...] --out DIR
 """
 
 from __future__ import annotations
@@ -20,19 +21,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .validate import flag
+
 __all__ = ["main", "build_parser"]
 
 
 def _train_help() -> str:
     from .config import help_text
-    from .registry import METHODS
+    from .registry import METHODS, OBJECTIVES
     from .train.config import TrainConfig
 
-    methods = "\n".join(f"  {m.name:<8} {m.summary}" for m in METHODS.values())
+    width = max(len(n) for n in [*METHODS, *OBJECTIVES])
+    methods = "\n".join(f"  {m.name:<{width}} {m.summary}" for m in METHODS.values())
+    objectives = "\n".join(f"  {name:<{width}} {o.summary}" for name, o in OBJECTIVES.items())
     return (
         "Fine-tune a model. With no CONFIG it runs the built-in demo: SmolLM2-135M-Instruct learns to\n"
         "extract fields from sentences as JSON (exact match before/after is printed and saved).\n\n"
-        f"Methods (--set method=NAME):\n{methods}\n\nConfiguration keys (YAML sections or --set section.key=value):\n"
+        f"Methods (--set method=NAME):\n{methods}\n\nObjectives (--set objective=NAME):\n{objectives}\n\n"
+        "Configuration keys (YAML sections or --set section.key=value):\n"
         + help_text(TrainConfig)
     )
 
@@ -48,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set lora.r=8 (repeatable)")
     t.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an output_dir that holds another run (its files are deleted)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     g = sub.add_parser("generate", help="generate text with a model and optional adapter")
@@ -57,10 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt", help="user message (the chat template is applied)")
     src.add_argument("--messages", help="JSON file with a list of {role, content} messages")
     g.add_argument("--raw", action="store_true", help="treat --prompt as raw text, no chat template")
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--max-new-tokens", type=flag(int, ge=1), default=128)
+    g.add_argument("--temperature", type=flag(float, ge=0), default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=flag(float, gt=0, le=1), default=1.0)
+    g.add_argument("--top-k", type=flag(int, ge=0), default=0, help="0 = no top-k filter")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dtype", default="auto", help="auto/bf16/fp32")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT",
@@ -73,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "with --model (θ₀) instead of an adapter")
     m.add_argument("--scale", type=float, default=1.0,
                    help="WiSE-FT α: W₀ + α·ΔW (adapter) or θ₀ + α(θ − θ₀) (--finetuned); 1 = plain merge")
-    m.add_argument("--out", required=True)
+    m.add_argument("--out", required=True, help="new model directory (an earlier merged/model directory is "
+                                                "replaced whole; an input or any other existing path is refused)")
     m.add_argument("--dtype", default="auto", help="weights dtype of the merged model (auto/bf16/fp32)")
     m.add_argument("--into-4bit", action="store_true",
                    help="merge into the 4-bit (NF4) base and write a bitsandbytes-layout 4-bit checkpoint; "
@@ -96,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="write a 4-bit (NF4) checkpoint that transformers + bitsandbytes load")
     q.add_argument("model", help="'default', an HF model directory or a .gguf file")
     q.add_argument("--out", required=True)
-    q.add_argument("--block-size", type=int, default=64, help="weights per absmax block")
+    q.add_argument("--block-size", type=flag(int, ge=1), default=64, help="weights per absmax block")
     q.add_argument("--no-double-quant", action="store_true", help="keep absmax in fp32 (4.5 instead of 4.127 bits)")
     q.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"])
     q.add_argument("--skip", nargs="*", default=["lm_head"], metavar="NAME",
@@ -110,9 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default="default")
     e.add_argument("--adapter")
     e.add_argument("--format", default="auto")
-    e.add_argument("--max-length", type=int, default=1024)
-    e.add_argument("--max-new-tokens", type=int, default=128)
-    e.add_argument("--batch-size", type=int, default=16)
+    # Defaults: EvalConfig's and DataConfig's (what `deltatune train` evaluates with), shown in --help.
+    e.add_argument("--max-length", type=flag(int, ge=8), default=None, help="tokens per example (default: data.max_length)")
+    e.add_argument("--max-new-tokens", type=flag(int, ge=1), default=None, help="default: eval.max_new_tokens")
+    e.add_argument("--batch-size", type=flag(int, ge=1), default=None, help="default: eval.batch_size")
     e.add_argument("--no-generate", action="store_true", help="loss/perplexity only")
 
     s = sub.add_parser("serve", help="serve a base model and LoRA adapters behind an OpenAI-compatible HTTP API")
@@ -143,8 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path")
 
     from .compose.cli import add_parser as add_compose_parser
+    from .diffusion.command import add_parser as add_dreambooth_parser
 
     add_compose_parser(sub)
+    add_dreambooth_parser(sub)
     return p
 
 
@@ -163,7 +175,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train.config import TrainConfig
     from .train.loop import run
 
-    overrides = list(args.overrides) + (["resume=true"] if args.resume else [])
+    overrides = (list(args.overrides) + (["resume=true"] if args.resume else [])
+                 + (["overwrite=true"] if args.overwrite else []))
     cfg = load_config(TrainConfig, args.config, overrides)
     result = run(cfg, progress=not args.no_progress)
     if result.interrupted:
@@ -212,7 +225,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         merge(model)  # merged decoding costs what the base costs
     if args.messages:
-        ids = encode_prompt(tok, json.loads(Path(args.messages).read_text()))
+        ids = encode_prompt(tok, _read_messages(Path(args.messages)))
     elif args.raw:
         ids = list(tok(args.prompt, add_special_tokens=False)["input_ids"])
     else:
@@ -226,9 +239,46 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_messages(path: Path) -> list[dict[str, str]]:
+    """``--messages FILE``: a JSON list of {role, content}; every problem names the file."""
+    try:
+        messages = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--messages {path}: file not found") from None
+    except IsADirectoryError:
+        raise ValueError(f"--messages {path}: is a directory; expected a JSON file") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"--messages {path}: not valid UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--messages {path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+    ok = isinstance(messages, list) and bool(messages) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in messages)
+    if not ok:
+        raise ValueError(f"--messages {path}: expected a non-empty JSON list of {{\"role\": ..., \"content\": ...}} "
+                         "objects with string values")
+    return messages  # type: ignore[no-any-return]
+
+
+def _output_checks(args: argparse.Namespace, *inputs: tuple[str, str | None]) -> None:
+    """Refuse --out naming an input, before any model is loaded (the one input-overwrite rule)."""
+    from .fsutil import refuse_input
+
+    model = None if args.model == "default" else args.model
+    refuse_input(args.out, [("base model", model), *inputs])
+
+
+def _is_model_dir(p: Path) -> bool:
+    return (p / "config.json").is_file() and not (p / "adapter_config.json").is_file()
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from . import unload
+    from .fsutil import atomic_dir, check_output
 
+    _output_checks(args, ("adapter", args.adapter), ("reference data", getattr(args, "data", None)))
+    out = Path(args.out)
+    check_output(out, replaceable=_is_model_dir, what="merged model directory")  # before the (slow) load
     if args.into_4bit:
         return _merge_into_4bit(args)
     if (args.adapter is None) == (args.finetuned is None):
@@ -248,9 +298,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     else:
         model, tok = _load(args.model, args.adapter, args.dtype)
         plain = unload(model)
-    out = Path(args.out)
-    plain.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
+    with atomic_dir(out, replaceable=_is_model_dir, what="merged model directory") as tmp:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
     print(f"merged model written to {out} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
     return 0
 
@@ -260,9 +310,10 @@ def _merge_into_4bit(args: argparse.Namespace) -> int:
     import warnings
 
     from . import load_adapter
+    from .data import reference_batches
     from .models import resolve_dtype
     from .quant.linear4bit import Linear4bit, quantize_model
-    from .quant.merge import format_merge_report, merge_into_4bit_checkpoint, reference_batches
+    from .quant.merge import format_merge_report, merge_into_4bit_checkpoint
 
     model, tok = _load(args.model, None, args.dtype)
     base16 = None
@@ -293,10 +344,13 @@ def cmd_wise_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from .fsutil import check_output, refuse_input
     from .models import load_model, resolve_dtype
     from .quant.checkpoint import describe_checkpoint, save_4bit_checkpoint
     from .quant.linear4bit import quantize_model
 
+    refuse_input(args.out, [("model", None if args.model == "default" else args.model)])
+    check_output(args.out, replaceable=lambda p: (p / "config.json").is_file(), what="model directory")
     model, tok = load_model(args.model, dtype=args.dtype)
     quantize_model(model, args.block_size, not args.no_double_quant, resolve_dtype(args.compute_dtype),
                    args.skip, args.quant_type)
@@ -307,28 +361,42 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .data import load_examples, prompt_and_reference, tokenize_examples
     from .generate import generate_texts
     from .objectives.causal_lm import eval_loss
     from .tasks import score_exact_match
-    from .train.data import load_examples, prompt_and_reference, tokenize_examples
+    from .train.config import DataConfig, EvalConfig
     from .train.runtime import Runtime
 
+    ecfg, dcfg = EvalConfig(), DataConfig()
+    batch_size = args.batch_size or ecfg.batch_size
     model, tok = _load(args.model, args.adapter)
     if args.adapter:
         from . import merge
 
         merge(model)
     loaded = load_examples(args.data, args.format)
-    rows, _, _ = tokenize_examples(loaded.examples, tok, args.max_length, True)
+    dropped: list[str] = []
+    max_length = args.max_length or dcfg.max_length
+    rows, _, n_dropped = tokenize_examples(loaded.examples, tok, max_length, dcfg.completion_only_loss, dropped)
+    if not rows:  # a loss over 0 tokens is no score (it printed loss 0.0, perplexity 1.0)
+        raise ValueError(f"{args.data}: no example has a loss token within --max-length {max_length} "
+                         f"({n_dropped} of {len(loaded.examples)} dropped, e.g. {', '.join(dropped[:3])}): "
+                         "raise --max-length")
+    if n_dropped:
+        logging.getLogger("deltatune").warning("%d example(s) dropped (no loss token within --max-length %d), "
+                                               "e.g. %s", n_dropped, max_length, ", ".join(dropped[:3]))
     rt = Runtime(next(model.parameters()).device, bf16=False)
     res: dict[str, Any] = {"examples": len(loaded.examples)}
-    res.update(eval_loss(model, rows, int(tok.pad_token_id), args.batch_size, rt))
+    res.update(eval_loss(model, rows, int(tok.pad_token_id), batch_size, rt))
     pairs = [p for p in map(prompt_and_reference, loaded.examples) if p is not None]
     if pairs and not args.no_generate:
-        preds = generate_texts(model, tok, [p for p, _ in pairs], max_new_tokens=args.max_new_tokens,
-                               batch_size=args.batch_size)
+        preds = generate_texts(model, tok, [p for p, _ in pairs], max_new_tokens=args.max_new_tokens or ecfg.max_new_tokens,
+                               batch_size=batch_size)
         res["exact_match"] = score_exact_match(preds, [r for _, r in pairs])
-    print(json.dumps(res, indent=2))
+    from .fsutil import dumps_json
+
+    print(dumps_json(res, indent=2))
     return 0
 
 
@@ -353,8 +421,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .export.gguf import export_adapter_gguf, export_model_gguf
+    from .fsutil import refuse_input
 
     out = Path(args.out)
+    refuse_input(out, [("base model", None if args.model == "default" else args.model), ("adapter", args.adapter)])
+    if out.is_dir():
+        raise ValueError(f"--out {out}: is a directory; --format gguf writes one .gguf file")
     if args.adapter and not args.merge:
         from transformers import AutoConfig
 
@@ -388,35 +460,22 @@ def cmd_info(args: argparse.Namespace) -> int:
 
         print("\n".join(describe_checkpoint(args.path)))
         return 0
+    from .registry import kind_for_peft_type
+
     f = read_adapter_info(args.path)
     cfg = f.config
-    modules: dict[str, dict[str, Any]] = {}
-    total = 0
-    for key, t in f.tensors.items():
-        total += t.numel()
-        body = key.removeprefix("base_model.model.")
-        for tag in (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B"):
-            if body.endswith(tag):
-                info = modules.setdefault(body[: -len(tag)], {"params": 0})
-                info["params"] += t.numel()
-                if "A" in tag:
-                    info["rank"] = t.shape[0]
+    kind = kind_for_peft_type(str(cfg.get("peft_type", "LORA")), f.directory)
+    head, *modules = kind.describe(f)
+    total = sum(t.numel() for t in f.tensors.values())
     print(f"adapter: {f.directory}")
-    print(f"method: {cfg.get('peft_type', '?')}  r={cfg.get('r')}  alpha={cfg.get('lora_alpha')}  "
-          f"rslora={cfg.get('use_rslora', False)}  dropout={cfg.get('lora_dropout', 0)}  bias={cfg.get('bias')}")
+    print(head)
     print(f"base: {cfg.get('base_model_name_or_path')}")
     if f.fingerprint:
+        checked = f.fingerprint.get("modules") or f.fingerprint.get("blocks") or {}
         print(f"base fingerprint: {f.fingerprint.get('architecture')} ({f.fingerprint.get('model_type')}), "
-              f"{len(f.fingerprint.get('modules', {}))} adapted modules with shapes and checksums")
+              f"{len(checked)} base modules with shapes/checksums")
     print(f"tensors: {len(f.tensors)}, parameters: {total:,d}, modules_to_save: {cfg.get('modules_to_save')}")
-    ranks: dict[int, int] = {}
-    for info in modules.values():
-        ranks[info.get("rank", 0)] = ranks.get(info.get("rank", 0), 0) + 1
-    print(f"adapted modules: {len(modules)}; ranks: {dict(sorted(ranks.items()))}")
-    for name, info in list(modules.items())[:8]:
-        print(f"  {name}: r={info.get('rank')} params={info['params']:,d}")
-    if len(modules) > 8:
-        print(f"  … {len(modules) - 8} more")
+    print("\n".join(modules))
     return 0
 
 
@@ -426,9 +485,16 @@ def cmd_compose(args: argparse.Namespace) -> int:
     return run(args)
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "merge": cmd_merge, "wise-sweep": cmd_wise_sweep, "eval": cmd_eval, "info": cmd_info,
+def cmd_dreambooth(args: argparse.Namespace) -> int:
+    from .diffusion.command import cmd_dreambooth as run
+
+    return run(args)
+
+
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "merge": cmd_merge, "wise-sweep": cmd_wise_sweep,
+            "eval": cmd_eval, "info": cmd_info,
             "quantize": cmd_quantize, "compose": cmd_compose, "serve": cmd_serve,
-            "export": cmd_export}
+            "export": cmd_export, "dreambooth": cmd_dreambooth}
 
 
 # Import-time messages of libraries that transformers pulls in when they happen to be installed, which
@@ -456,7 +522,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, OSError) as e:
         if args.verbose:
             raise
-        print(f"deltatune {args.command}: error: {e}", file=sys.stderr)
+        # An OSError carries (strerror, filename): print '<path>: <reason>', not '[Errno 28] ...'.
+        text = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror else str(e)
+        print(f"deltatune {args.command}: error: {text}", file=sys.stderr)
         return 2
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -174,14 +175,19 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
                 raise bad() from None
         raise bad()
     if tp is float:
+        # Non-finite values are refused here, for every float key at once (validate.py says why).
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            out = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value.strip())
+                out = float(value.strip())
             except ValueError:
                 raise bad() from None
-        raise bad()
+        else:
+            raise bad()
+        if not math.isfinite(out):
+            raise ConfigError(f"{where}: '{key}' expects a finite float, got {_describe(value)}")
+        return out
     if tp is str:
         if isinstance(value, str):
             return value
@@ -343,10 +349,15 @@ _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping. Syntax errors name ``file:line:column``; an empty file is ``{}``."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{p}: is a directory; expected a YAML config file")
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{p}: cannot read config file: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        line = p.read_bytes()[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{p}:{line}: not valid UTF-8 (byte {e.start}); a config file is UTF-8 YAML text") from e
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.MarkedYAMLError as e:

@@ -13,7 +13,7 @@ import difflib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -21,6 +21,10 @@ from torch import nn
 from .methods import dora, lora_init
 from .methods.lora import INIT_SCHEMES, LoraLayer, supported_base
 from .methods.lora_config import LoraConfig
+from .methods.single import SingleAdapterLayer
+
+if TYPE_CHECKING:
+    from .registry import AdapterKind
 
 __all__ = [
     "AdapterState", "ModulesToSave", "inject", "find_targets", "set_active", "disable_adapters",
@@ -101,6 +105,12 @@ def _pattern_value(patterns: dict[str, int] | dict[str, float], name: str) -> in
     return None
 
 
+def pattern_or(patterns: dict[str, int] | dict[str, float], name: str, default: float) -> float:
+    """The pattern's value for ``name``, else ``default`` (not ``value or default``: 0 is a value)."""
+    value = _pattern_value(patterns, name)
+    return default if value is None else value
+
+
 _INTERNAL = re.compile(
     r"\.(base_layer|lora_A|lora_B|lora_magnitude_vector|lora_initial|original_module|modules_to_save)(\.|$)")
 
@@ -118,6 +128,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     heads = _output_head_names(model)
     spec = config.target_modules
     found: list[str] = []
+    layer_ids: set[int] = set()  # block indices of modules the targets matched (for the error below)
     for name, module in _user_modules(model):
         if isinstance(module, ModulesToSave):
             continue
@@ -134,6 +145,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             continue
         if config.layers_to_transform is not None:
             m = _LAYER_INDEX.match(name)
+            if m is not None:
+                layer_ids.add(int(m.group(1)))
             if m is None or int(m.group(1)) not in config.layers_to_transform:
                 continue
         if kind is None:
@@ -142,6 +155,11 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
                 "nn.Embedding and nn.Conv2d (groups=1)"
             )
         found.append(name)
+    if not found and layer_ids:  # the targets matched; the block indices left nothing
+        raise ValueError(
+            f"layers_to_transform={config.layers_to_transform} selects no block of {type(model).__name__}: "
+            f"its targeted blocks are numbered {min(layer_ids)}..{max(layer_ids)}"
+        )
     if not found:
         leaf_names = sorted({n.split(".")[-1] for n, m in _user_modules(model)
                              if supported_base(m.base_layer if isinstance(m, LoraLayer) else m)})
@@ -182,8 +200,8 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Mo
         module = model.get_submodule(path)
         layer = module if isinstance(module, LoraLayer) else LoraLayer(module)
         layer = dora.upgrade(layer) if config.use_dora else layer
-        r = int(_pattern_value(config.rank_pattern, path) or config.r)
-        alpha = float(_pattern_value(config.alpha_pattern, path) or config.alpha)
+        r = int(pattern_or(config.rank_pattern, path, config.r))
+        alpha = float(pattern_or(config.alpha_pattern, path, config.alpha))
         a_init = config.init if config.init in INIT_SCHEMES else "kaiming"  # PiSSA/OLoRA overwrite A, B
         layer.add(name, r, alpha, dropout=config.dropout, rslora=config.use_rslora, init=a_init)
         lora_init.initialise(layer, name, config.init)
@@ -219,44 +237,41 @@ def _paths_to_save(model: nn.Module, names: list[str]) -> list[str]:
     return found
 
 
-def _method_of(config: Any) -> str:
-    """'lora' for LoraConfig (and DoRA/PiSSA, which are LoRA configs), else the method module name."""
-    return {"BottleneckConfig": "bottleneck", "PromptConfig": "prompts", "VeraConfig": "vera",
-            "AdaLoraConfig": "adalora"}.get(type(config).__name__, "lora")
+def _kinds_present(model: nn.Module) -> list[AdapterKind]:
+    """The adapter kinds (registry.ADAPTERS) of the adapters on ``model``, in the order added; LoRA
+    when the model has no adapter state (its operations are then no-ops or act on bare LoRA layers)."""
+    from .registry import ADAPTERS, kind_of
 
-
-def _module(method: str) -> Any:
-    import importlib
-
-    return importlib.import_module(f"deltatune.methods.{method}")
-
-
-def _methods_present(model: nn.Module) -> set[str]:
     state = getattr(model, "deltatune_state", None)
-    return {_method_of(c) for c in state.configs.values()} if isinstance(state, AdapterState) else set()
+    configs = state.configs.values() if isinstance(state, AdapterState) else []
+    kinds: dict[str, AdapterKind] = {}
+    for c in configs:
+        kind = kind_of(c)
+        kinds.setdefault(kind.name, kind)
+    return list(kinds.values()) or [ADAPTERS["lora"]]
 
 
 def set_active(model: nn.Module, names: str | list[str]) -> None:
     """Activate adapter(s) (their outputs add up) and make exactly their parameters trainable."""
+    from .registry import kind_of
+
     state = get_state(model)
     names = [names] if isinstance(names, str) else list(names)
     for n in names:
         if n not in state.configs:
             raise ValueError(f"no adapter named {n!r}; this model has {sorted(state.configs)}")
-    methods = {_method_of(state.configs[n]) for n in names}
-    if methods & {"bottleneck", "prompts"}:
-        if len(methods) > 1:
-            raise ValueError(f"adapters {names} are of different methods {sorted(methods)}; activate one kind")
-        if "prompts" in methods:
-            if len(names) != 1:
-                raise ValueError("one prompt/prefix adapter can be active at a time")
-            _module("prompts").set_active(model, names[0])
-        else:
-            _module("bottleneck").set_active(model, names)
+    kinds = {kind_of(state.configs[n]).name: kind_of(state.configs[n]) for n in names}
+    if len(kinds) > 1:
+        raise ValueError(f"adapters {names} are of different methods {sorted(kinds)}; activate one kind")
+    if not kinds:
+        lora_set_active(model, [])
         return
-    if methods & {"vera", "adalora"}:
-        state.active = names  # one VeRA/AdaLoRA adapter per model: it is always the active one
-        return
+    next(iter(kinds.values())).set_active(model, names)
+
+
+def lora_set_active(model: nn.Module, names: list[str]) -> None:
+    """:func:`set_active` for LoRA adapters (and DoRA / modules_to_save / bias modes)."""
+    state = get_state(model)
     state.active = names
     model.requires_grad_(False)
     for _, layer in lora_layers(model):
@@ -298,20 +313,19 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
     layers = [layer for _, layer in lora_layers(model)]
     merged = {id(layer): list(layer.merged) for layer in layers}
     wrappers = [m for m in model.modules() if isinstance(m, ModulesToSave)]
-    present = _methods_present(model)
     # VeRA/AdaLoRA layers carry their own `disabled` flag (and refuse it while merged).
-    others: list[Any] = [m for m in model.modules() if type(m).__name__ in ("VeraLayer", "AdaLoraLayer")]
+    singles = [m for m in model.modules() if isinstance(m, SingleAdapterLayer)]
     with contextlib.ExitStack() as stack:
-        for method in ("bottleneck", "prompts"):
-            if method in present:
-                stack.enter_context(_module(method).disable(model))
+        for kind in _kinds_present(model):
+            if kind.disable is not None:  # adapters outside the layers (bottleneck sites, the prompt seam)
+                stack.enter_context(kind.disable(model))
         try:
             for layer in layers:
                 layer.unmerge()
                 layer.disabled = True
             for w in wrappers:
                 w.disabled = True
-            for m in others:
+            for m in singles:
                 m.disabled = True
             yield
         finally:
@@ -320,7 +334,7 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
                 layer.merge(merged[id(layer)])
             for w in wrappers:
                 w.disabled = False
-            for m in others:
+            for m in singles:
                 m.disabled = False
 
 
@@ -343,16 +357,16 @@ def adapter_per_sample(model: nn.Module, names: list[str | None]) -> Iterator[No
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
+    from .registry import kind_of
+
     state = get_state(model)
     if name not in state.configs:
         raise ValueError(f"no adapter named {name!r}; this model has {sorted(state.configs)}")
-    method = _method_of(state.configs[name])
-    if method in ("bottleneck", "prompts"):
-        _module(method).delete(model, name)
-        return
-    if method in ("vera", "adalora"):
-        _module(method).unload(model, merge_adapter=False)
-        return
+    kind_of(state.configs[name]).delete(model, name)
+
+
+def lora_delete(model: nn.Module, name: str) -> None:
+    state = get_state(model)
     for path, layer in list(lora_layers(model)):
         if name in layer.adapters:
             layer.delete(name)
@@ -372,17 +386,22 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 def merge(model: nn.Module, names: list[str] | None = None) -> nn.Module:
     """W ← W₀ + Σ s·BA for the active (or the named) adapters, in place; undone by :func:`unmerge`.
     VeRA and AdaLoRA merge likewise; bottleneck and prompt adapters cannot be merged (an error)."""
-    present = _methods_present(model)
-    _refuse_unmergeable(present, "merge")
-    for method in present & {"vera", "adalora"}:
-        _module(method).merge(model)
+    kinds = _kinds_present(model)
+    _refuse_unmergeable(kinds, "merge")
+    for kind in kinds:
+        assert kind.merge is not None
+        kind.merge(model, names)
+    return model
+
+
+def lora_merge(model: nn.Module, names: list[str] | None = None) -> nn.Module:
     for _, layer in lora_layers(model):
         layer.merge([n for n in names if n in layer.adapters] if names is not None else None)
     return model
 
 
-def _refuse_unmergeable(present: set[str], what: str) -> None:
-    bad = present & {"bottleneck", "prompts"}
+def _refuse_unmergeable(kinds: list[AdapterKind], what: str) -> None:
+    bad = [k.name for k in kinds if k.merge is None]
     if bad:
         raise ValueError(
             f"cannot {what}: {'/'.join(sorted(bad))} adapters are not a weight delta (a nonlinear adapter or "
@@ -394,8 +413,13 @@ def unmerge(model: nn.Module) -> nn.Module:
     """W ← W − s·BA for the merged adapters (as PEFT does). Exact up to rounding: the add and the
     subtract each round, so about 1 % (fp32) to 2 % (bf16) of the weights come back one ulp off;
     keep a copy of the base weights if their exact bits matter."""
-    for method in _methods_present(model) & {"vera", "adalora"}:
-        _module(method).unmerge(model)
+    for kind in _kinds_present(model):
+        if kind.unmerge is not None:
+            kind.unmerge(model)
+    return model
+
+
+def lora_unmerge(model: nn.Module) -> nn.Module:
     for _, layer in lora_layers(model):
         layer.unmerge()
     return model
@@ -404,16 +428,18 @@ def unmerge(model: nn.Module) -> nn.Module:
 def unload(model: nn.Module, merge_adapters: bool = True) -> nn.Module:
     """Remove every deltatune wrapper and return the plain model (with the active adapters merged
     unless ``merge_adapters=False``). ``save_pretrained`` then writes an ordinary checkpoint."""
-    present = _methods_present(model)
+    kinds = _kinds_present(model)
     if merge_adapters:
-        _refuse_unmergeable(present, "merge and unload")
-    for method in present & {"bottleneck", "prompts"}:  # unload without merging: drop them
-        state = get_state(model)
-        for n in [n for n, c in state.configs.items() if _method_of(c) == method]:
-            _module(method).delete(model, n)
-    for method in present & {"vera", "adalora"}:
-        _module(method).unload(model, merge_adapter=merge_adapters)
-        return model
+        _refuse_unmergeable(kinds, "merge and unload")
+    # Adapters that are no weight delta are dropped first; then each kind removes its layers.
+    for kind in sorted(kinds, key=lambda k: k.merge is not None):
+        kind.unload(model, merge_adapters)
+    if hasattr(model, "deltatune_state"):
+        del model.deltatune_state
+    return model
+
+
+def lora_unload(model: nn.Module, merge_adapters: bool = True) -> nn.Module:
     for path, layer in list(lora_layers(model)):
         if merge_adapters:
             layer.merge()
@@ -422,8 +448,6 @@ def unload(model: nn.Module, merge_adapters: bool = True) -> nn.Module:
         if isinstance(module, ModulesToSave):
             keep = module.modules_to_save[module.active] if module.active and merge_adapters else module.original_module
             _set_module(model, path, keep)
-    if hasattr(model, "deltatune_state"):
-        del model.deltatune_state
     return model
 
 

@@ -33,6 +33,7 @@ from .inject import (
 from .methods import dora, lora_init
 from .methods.lora import LoraLayer, base_shape, supported_base, weight_checksum
 from .methods.lora_config import LoraConfig
+from .validate import check_tensors
 
 __all__ = ["save_adapter", "load_adapter", "AdapterFileError", "AdapterMismatchError", "fingerprint",
            "read_adapter_info", "atomic_write_bytes"]
@@ -56,16 +57,21 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file in the same directory + rename (never half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    from .fsutil import default_mode
+
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, default_mode())  # mkstemp makes 0600; an output follows the umask
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with _suppress():
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # a full disk: say which file
+            raise OSError(e.errno, f"{e.strerror or e} (the previous file is kept)", str(path)) from e
         raise
 
 
@@ -176,19 +182,38 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model: nn.Module, path: str | Path, name: str | None = None) -> Path:
-    """Write adapter ``name`` (default: the active one) as a PEFT-compatible directory."""
-    from safetensors.torch import save
+    """Write adapter ``name`` (default: the active one) as a PEFT-compatible directory.
 
+    The files are written in a temporary sibling directory (fsynced, modes per the umask) and
+    renamed into place, so a crash or a full disk never leaves half an adapter (fsutil.atomic_dir)."""
     state = get_state(model)
     name = name or (state.active[0] if state.active else next(iter(state.configs)))
     if name not in state.configs:
         raise ValueError(f"no adapter named {name!r}; this model has {sorted(state.configs)}")
-    cfg = state.configs[name]
-    other = _method_files(getattr(cfg, "PEFT_TYPE", "LORA"))
-    if other is not None:
-        return other.save_peft(model, Path(path), name)  # type: ignore[no-any-return]
+    from .fsutil import atomic_dir, merge_into_dir
+    from .registry import kind_of
+
+    kind, out = kind_of(state.configs[name]), Path(path)
+    if out.is_dir() and any(out.iterdir()):
+        # A directory that already holds files (an earlier save, a README): build the adapter in a
+        # temporary sibling, then move each file in with an atomic rename; other files stay.
+        staging = out.parent / f".{out.name}.new"
+        with atomic_dir(staging, replaceable=lambda _: True, what="adapter directory") as tmp:
+            kind.save(model, tmp, name)
+        merge_into_dir(staging, out)
+        return out
+    with atomic_dir(out, what="adapter directory") as tmp:
+        kind.save(model, tmp, name)
+    return out
+
+
+def save_lora(model: nn.Module, path: Path, name: str) -> Path:
+    """:func:`save_adapter` for a LoRA (DoRA, PiSSA …) adapter: PEFT's LORA layout, into ``path``."""
+    cfg = get_state(model).configs[name]
     ranks = {p: layer.adapters[name].r for p, layer in lora_layers(model) if name in layer.adapters}
     alphas = {p: layer.adapters[name].alpha for p, layer in lora_layers(model) if name in layer.adapters}
+    from safetensors.torch import save
+
     cfg, ranks, alphas = lora_init.saved_config(cfg, ranks, alphas)
     tensors = adapter_tensors(model, name)
     # Tied/shared storage would make safetensors refuse to save; clone to own storage.
@@ -262,20 +287,6 @@ def read_adapter_info(path: str | Path) -> AdapterFile:
     return _read_dir(path)
 
 
-# Methods other than LoRA translate their own files: peft_type → the module that defines
-# ``save_peft(model, path, name)`` and ``load_peft(model, adapter_file, name, *, trainable, activate)``.
-_METHOD_FILES = {"VERA": "deltatune.methods.vera", "ADALORA": "deltatune.methods.adalora",
-                 "PROMPT_TUNING": "deltatune.methods.prompts", "PREFIX_TUNING": "deltatune.methods.prompts",
-                 "DELTATUNE_BOTTLENECK": "deltatune.methods.bottleneck"}
-
-
-def _method_files(peft_type: str) -> Any:
-    import importlib
-
-    module = _METHOD_FILES.get(peft_type)
-    return importlib.import_module(module) if module else None
-
-
 def _split_key(key: str) -> tuple[str, str]:
     """'base_model.model.x.y.lora_A.weight' → ('x.y', 'lora_A')."""
     body = key[len(PREFIX):] if key.startswith(PREFIX) else key
@@ -315,18 +326,28 @@ def load_adapter(model: nn.Module, path: str | Path, name: str | None = None, *,
     Everything is validated — file integrity, every module path, every shape — before the model is
     changed; on any error the model is exactly as it was.
     """
-    from .inject import _pattern_value
-
     f = _read_dir(path)
+    try:  # NaN weights would merge into a NaN model; an int32 factor would be cast without a word
+        check_tensors(f.tensors, str(f.directory / WEIGHTS_NAME))
+    except ValueError as e:
+        raise AdapterFileError(str(e)) from None
     state = getattr(model, "deltatune_state", None)
     existing = set(getattr(state, "configs", {}) or {})
     name = name or "default"
     if name in existing:
         raise ValueError(f"adapter {name!r} already exists on this model; pass another name=")
-    other = _method_files(str(f.config.get("peft_type", "LORA")))
-    if other is not None:
-        return other.load_peft(model, f, name, trainable=trainable, activate=activate)  # type: ignore[no-any-return]
+    from .registry import kind_for_peft_type
 
+    kind = kind_for_peft_type(str(f.config.get("peft_type", "LORA")), f.directory / CONFIG_NAME)
+    return kind.load(model, f, name, trainable=trainable, activate=activate)
+
+
+def load_lora(model: nn.Module, f: AdapterFile, name: str, *, trainable: bool = False,
+              activate: bool = True) -> nn.Module:
+    """:func:`load_adapter` for a PEFT LORA file (validated completely before the model changes)."""
+    from .inject import pattern_or
+
+    state = getattr(model, "deltatune_state", None)
     factors: dict[str, dict[str, torch.Tensor]] = {}
     extra: dict[str, torch.Tensor] = {}  # biases, modules_to_save, saved base embeddings
     magnitudes: dict[str, torch.Tensor] = {}  # DoRA: module path → m (d,)
@@ -373,7 +394,7 @@ def load_adapter(model: nn.Module, path: str | Path, name: str | None = None, *,
                     "the adapter was made for a different base model"
                 )
         r_file = parts[next(iter(expected))].shape[0]
-        r_cfg = int(_pattern_value(cfg.rank_pattern, mpath) or cfg.r)
+        r_cfg = int(pattern_or(cfg.rank_pattern, mpath, cfg.r))
         if r_file != r_cfg:
             raise AdapterFileError(f"{f.directory}: module {mpath!r} has rank {r_file} in the file but the config says {r_cfg}")
         if cfg.use_dora and tuple(magnitudes.get(mpath, torch.empty(0)).shape) != (base_shape(base)[1],):

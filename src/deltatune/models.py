@@ -25,6 +25,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import struct
 import tempfile
 import time
 import warnings
@@ -32,6 +33,8 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .paths import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +73,14 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return device
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelSpecError(f"model.device={device!r}, but this torch ({torch.__version__}) sees no CUDA device "
+                                 "(torch.cuda.is_available() is False): use 'auto' or 'cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ModelSpecError(f"model.device={device!r}, but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return dev
 
 
 def cpuinfo_has_bf16(cpuinfo: str) -> bool:
@@ -165,11 +175,6 @@ def _resolve_spec(spec: str | os.PathLike[str]) -> tuple[str, Path]:
 # ---------------------------------------------------------------------------------------------------
 
 
-def cache_root() -> Path:
-    """``$DELTATUNE_CACHE`` or ``~/.cache/deltatune``."""
-    return Path(os.environ.get("DELTATUNE_CACHE") or Path.home() / ".cache" / "deltatune")
-
-
 def _gguf_cache_dir(gguf_path: Path) -> Path:
     # Keyed on the resolved path, size and mtime: a replaced file gets a new entry, and hashing
     # 100 MB of weights on every load would cost more than the cache saves.
@@ -183,8 +188,15 @@ def _load_gguf(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Dequantize a GGUF file to an fp32 transformers model (slow: see the module docstring)."""
     if importlib.util.find_spec("gguf") is None:
         raise ModelSpecError(f"loading {str(path)!r} needs the gguf package:  pip install gguf")
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    if path.stat().st_size == 0:
+        raise ModelSpecError(f"{path}: the GGUF file is empty (0 bytes); re-download or re-export it")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except (ValueError, OSError, EOFError, IndexError, KeyError, struct.error) as e:
+        # gguf's reader fails on a truncated file with struct/numpy errors that name no file.
+        raise ModelSpecError(f"{path}: cannot be read as a GGUF model ({type(e).__name__}: {e}); "
+                             "the file is truncated, corrupted or not a GGUF model") from e
     # The weights are plain float tensors now; drop the GGUF "quantizer" so that save_pretrained and
     # later adapters see an ordinary model (a saved quantization_config would route reloads back here).
     if hasattr(model.config, "quantization_config"):
@@ -231,12 +243,29 @@ def _load_gguf_cached(path: Path, use_cache: bool) -> tuple[PreTrainedModel, Pre
 def _load_hf_dir(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     from .quant.checkpoint import is_4bit_checkpoint, load_4bit_checkpoint
 
+    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        raise ModelSpecError(f"{path}: no tokenizer files (expected one of {', '.join(_TOKENIZER_FILES)}); "
+                             "save the tokenizer into the model directory (tokenizer.save_pretrained)")
     tokenizer = AutoTokenizer.from_pretrained(path)
-    if is_4bit_checkpoint(path):  # bitsandbytes 4-bit layout: deltatune's own Linear4bit, no bitsandbytes
-        model: PreTrainedModel = load_4bit_checkpoint(path, dtype)  # type: ignore[assignment]
-        return model, tokenizer
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    try:
+        if is_4bit_checkpoint(path):  # bitsandbytes 4-bit layout: deltatune's own Linear4bit, no bitsandbytes
+            model: PreTrainedModel = load_4bit_checkpoint(path, dtype)  # type: ignore[assignment]
+            return model, tokenizer
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except Exception as e:
+        # safetensors raises SafetensorError (neither OSError nor ValueError) on a truncated file.
+        if not (isinstance(e, OSError | ValueError | EOFError) or type(e).__name__ == "SafetensorError"):
+            raise
+        if isinstance(e, ModelSpecError) or str(e).startswith(str(path)):
+            raise
+        weights = sorted(p.name for p in path.glob("*.safetensors")) or sorted(p.name for p in path.glob("*.bin"))
+        raise ModelSpecError(f"{path}: cannot load the model weights {weights} ({type(e).__name__}: {e}); "
+                             "a weights file is truncated or corrupted") from e
     return model, tokenizer
+
+
+# Any one of these makes AutoTokenizer work (fast tokenizer, sentencepiece, or BPE vocab + merges).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer_config.json")
 
 
 # ---------------------------------------------------------------------------------------------------

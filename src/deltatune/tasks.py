@@ -11,7 +11,7 @@ instruct model (SmolLM2-135M) answers with its own keys, prose or a fenced block
 templates and field orders vary so that copying spans by position does not work.
 
 Records are chat-shaped (``{"messages": [system, user, assistant]}``) so the ordinary chat data
-pipeline (deltatune.train.data) tokenises them like any user data.
+pipeline (deltatune.data) tokenises them like any user data.
 """
 
 from __future__ import annotations

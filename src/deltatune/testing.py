@@ -10,9 +10,13 @@ same ChatML template (with a default system turn when none is given). Unlike Smo
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -21,7 +25,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-__all__ = ["CHATML_TEMPLATE", "TINY_SPECIAL_TOKENS", "TINY_VOCAB", "build_tiny_tokenizer", "make_tiny_gpt2", "make_tiny_llama"]
+__all__ = ["CHATML_TEMPLATE", "TINY_SPECIAL_TOKENS", "TINY_VOCAB", "TinyCase", "build_tiny_tokenizer", "make_tiny_gpt2",
+           "make_tiny_llama"]
 
 # SmolLM2-135M-Instruct's template, with a shorter default system prompt.
 CHATML_TEMPLATE = (
@@ -134,3 +139,21 @@ def bnb_fp32_reference(model: torch.nn.Module) -> torch.nn.Module:
         if hasattr(m, "support_avx512bf16_for_cpu"):
             setattr(m, "support_avx512bf16_for_cpu", False)  # noqa: B010 (attribute is not typed)
     return model
+
+
+@dataclass
+class TinyCase:
+    """What tests/test_matrix.py needs to train an objective for 2 steps on a tiny model
+    (``Objective.tiny_case()`` returns one; every objective in ``registry.OBJECTIVES`` must).
+
+    ``make_model()`` returns a fresh, identically initialised model each call (fp32, CPU);
+    ``overrides`` are ``--set`` items giving tiny data and cheap evaluation; ``outputs(model)`` is what
+    a save → load round trip must reproduce (e.g. the logits on a fixed batch); ``load_saved(dir)``
+    loads a full-model save (``<run>/model``) back."""
+
+    make_model: Callable[[], nn.Module]
+    processor: Any
+    overrides: list[str]
+    outputs: Callable[[nn.Module], torch.Tensor]
+    load_saved: Callable[[Path], nn.Module]
+    notes: dict[str, Any] = field(default_factory=dict)

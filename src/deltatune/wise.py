@@ -44,9 +44,9 @@ def _adapted(model: nn.Module) -> list[tuple[nn.Module, Callable[[], torch.Tenso
 
 
 def _check_unmerged(model: nn.Module) -> None:
-    from .inject import _methods_present, _refuse_unmergeable, lora_layers
+    from .inject import _kinds_present, _refuse_unmergeable, lora_layers
 
-    _refuse_unmergeable(_methods_present(model), "scale the weight change (WiSE-FT)")
+    _refuse_unmergeable(_kinds_present(model), "scale the weight change (WiSE-FT)")
     if any(layer.merged for _, layer in lora_layers(model)) or any(getattr(m, "merged", False) is True
                                                                     for m in model.modules()):
         raise ValueError("WiSE-FT: adapters are merged; unmerge them first")
@@ -170,11 +170,11 @@ def format_sweep(rows: Sequence[dict[str, Any]]) -> list[str]:
 def sweep_cli(args: Any) -> list[dict[str, Any]]:
     """``deltatune wise-sweep``: load the base (and the adapter or the fine-tuned model), build the
     target scorer (held-out loss, and exact match unless ``--no-generate``) and run :func:`sweep`."""
+    from .data import examples_from_records, load_examples, prompt_and_reference, tokenize_examples
     from .io import load_adapter
     from .models import load_model
     from .objectives.causal_lm import eval_loss
     from .tasks import make_task, score_exact_match
-    from .train.data import examples_from_records, load_examples, prompt_and_reference, tokenize_examples
     from .train.evaluate import generate_texts
     from .train.forgetting import ForgettingConfig
     from .train.reference import reference_rows

@@ -294,10 +294,10 @@ def test_parameter_report_and_trainable_set() -> None:
 
 def test_method_dora_in_registry_and_train_config() -> None:
     from deltatune.registry import METHODS
-    from deltatune.train.config import TRAIN_METHODS, TrainConfig
+    from deltatune.train.config import TrainConfig
     from deltatune.train.hooks import RunInfo
 
-    assert "dora" in METHODS and "dora" in TRAIN_METHODS
+    assert "dora" in METHODS
     cfg = TrainConfig(method="dora", lora=LoraConfig(r=4, target_modules=["q_proj"]))
     model = make_tiny_llama()
     assert METHODS["dora"].apply(model, cfg, RunInfo(total_steps=1, steps_per_epoch=1)) == []

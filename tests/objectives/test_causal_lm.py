@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune.objectives.causal_lm import CausalLM, causal_loss_sum, loss_tokens
+from deltatune.objectives.causal_lm import CausalLM, loss_tokens, model_loss_sum
 from deltatune.testing import make_tiny_gpt2, make_tiny_llama
 from deltatune.train.config import TrainConfig
 
@@ -44,7 +44,7 @@ def test_labelled_positions_loss_equals_naive_and_uses_the_forward(make) -> None
     head = model.get_output_embeddings()
     seen: list[tuple[int, ...]] = []
     head.register_forward_hook(lambda _m, _a, out: seen.append(tuple(out.shape)))
-    got = causal_loss_sum(model, batch)
+    got = model_loss_sum(model, batch)
     handle.remove()
     assert calls == [1] and got.dtype == torch.float32
     n = loss_tokens(batch)

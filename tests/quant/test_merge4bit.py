@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import deltatune
 from deltatune.cli import main
+from deltatune.data import reference_batches
 from deltatune.models import load_model
 from deltatune.quant.linear4bit import Linear4bit, quantize_model
 from deltatune.quant.merge import (
@@ -24,7 +25,6 @@ from deltatune.quant.merge import (
     merge_error_reports,
     merged_4bit_copy,
     quantize_like,
-    reference_batches,
 )
 from deltatune.quant.nf4 import dequantize_4bit, quantize_4bit
 from deltatune.testing import build_tiny_tokenizer

@@ -77,13 +77,13 @@ def test_merge_into_4bit_requantizes_and_stays_close(llama_factory) -> None:
 
 
 def test_qlora_trains_through_the_registry(llama_factory) -> None:
-    from deltatune.registry import get_method
+    from deltatune.registry import apply_method
     from deltatune.train.config import TrainConfig
     from deltatune.train.hooks import RunInfo
 
     model = llama_factory()
     cfg = TrainConfig(method="qlora")
-    get_method("qlora").apply(model, cfg, RunInfo(total_steps=1, steps_per_epoch=1))
+    apply_method(model, cfg, RunInfo(total_steps=1, steps_per_epoch=1))  # qlora = lora + model.quantize=nf4
     q = model.get_submodule("model.layers.0.mlp.down_proj")
     assert isinstance(q, LoraLayer) and isinstance(q.base_layer, Linear4bit)
     assert q.base_layer.compute_dtype == torch.float32

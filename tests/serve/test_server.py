@@ -286,3 +286,37 @@ def test_server_never_imports_training():
             "bad = [m for m in sys.modules if m.startswith('deltatune.train')]; print(bad); sys.exit(1 if bad else 0)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.mark.slow
+def test_cli_serve_answers_and_stops_on_sigterm(model_dir, adapters):
+    """`deltatune serve` as a user runs it: a subprocess on a free port, one request, SIGTERM, exit 0."""
+    import os
+    import signal
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(Path(deltatune.__file__).parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "deltatune.cli", "serve", "--model", str(model_dir), "--dtype", "fp32",
+                             "--adapter", f"a0={adapters['a0']}", "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=30)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                assert [m.id for m in client.models.list().data] == [model_dir.name, "a0"]
+                break
+            except openai.APIConnectionError:
+                assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+                time.sleep(0.3)
+        assert _chat(client, "a0", "hi", 4).choices[0].message.content is not None
+        proc.send_signal(signal.SIGTERM)
+        # uvicorn shuts down gracefully, then re-raises the signal so the exit status says SIGTERM
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+        out = proc.stdout.read() if proc.stdout else ""
+        assert "Traceback" not in out and "serving" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()

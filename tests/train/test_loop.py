@@ -181,3 +181,14 @@ def test_16bit_model_trains_evaluates_and_saves_in_its_dtype(method: str, model_
     assert {p.dtype for p in trained.parameters()} == {torch.bfloat16}
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).state_dict()
     assert any(not torch.equal(p, base[n]) for n, p in trained.state_dict().items())
+
+
+def test_log_every_logs_steps_when_progress_bars_are_off(model_dir: Path, tmp_path: Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    cfg = load_config(TrainConfig, None, [a for a in _args(model_dir, tmp_path / "r", "train.max_steps=3",
+                                                           "train.log_every=2", "eval.exact_match=false",
+                                                           "eval.before=false") if a != "--set"])
+    with caplog.at_level("INFO", logger="deltatune.train"):
+        run(cfg, progress=False)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert len(lines) == 1 and lines[0].startswith("step 2/3: loss ")

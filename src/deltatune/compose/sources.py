@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +103,7 @@ def _lora_modules(tensors: dict[str, torch.Tensor], c: dict[str, Any], who: str)
     rs = bool(c.get("use_rslora", False))
     conv1d = bool(c.get("fan_in_fan_out", False))
     out: dict[str, ModuleFactors] = {}
-    for path, p in parts.items():
+    for path, p in sorted(parts.items()):  # file order varies with the writer; errors name the first module
         if "m" in p or c.get("use_dora"):
             raise CompositionError(f"adapter {who!r}, module {path!r}: a DoRA magnitude m·(W₀+ΔW)/‖W₀+ΔW‖ is not "
                                    "linear in ΔW, so DoRA adapters have no weighted combination")
@@ -262,22 +259,10 @@ def save_composed(composed: Composed, out: str | Path, *, inputs: list[str | Pat
                                                  "energy": composed.energy})}
     if composed.fingerprint:
         meta["deltatune_fingerprint"] = json.dumps(composed.fingerprint)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    from ..fsutil import atomic_dir
+
+    # temp dir + fsync + rename, modes per the umask (mkdtemp alone made the adapter dir 0700)
+    with atomic_dir(out, replaceable=lambda p: (p / "adapter_config.json").is_file(), what="adapter directory") as tmp:
         (tmp / "adapter_model.safetensors").write_bytes(save(tensors, metadata=meta))
         (tmp / "adapter_config.json").write_text(json.dumps(peft_config(composed), indent=2, sort_keys=True) + "\n")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

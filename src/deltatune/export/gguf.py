@@ -98,6 +98,9 @@ def _atomic_gguf(out: Path, fill: Any, arch_name: str) -> Path:
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        from ..fsutil import default_mode
+
+        os.chmod(tmp, default_mode())  # mkstemp's 0600 → what any written file gets under the umask
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -88,7 +88,10 @@ class AdaLoraConfig:
             if not ok:
                 raise ValueError(f"adalora.{msg}")
 
+        from deltatune.validate import number
+
         check(self.init_r > 0, f"init_r must be a positive integer, got {self.init_r!r}")
+        number("adalora.alpha", self.alpha, gt=0, hint="s = alpha/init_r scales the update; 0 would train nothing")
         check(0 <= self.target_r <= self.init_r, f"target_r must be in [0, init_r={self.init_r}], got {self.target_r!r}")
         check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}")
         check(0.0 < self.beta1 < 1.0 and 0.0 < self.beta2 < 1.0, f"beta1/beta2 must be in (0, 1), got {self.beta1}, {self.beta2}")

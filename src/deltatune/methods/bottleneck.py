@@ -186,7 +186,7 @@ def _hidden_size(model: nn.Module) -> int:
 
 def find_sites(model: nn.Module, config: BottleneckConfig) -> list[tuple[str, str]]:
     """(adapter module path, hooked site module path) per adapted site, in model order."""
-    from ..registry import block_list
+    from ..structure import block_list
 
     prefix, blocks = block_list(model)
     wanted = _PLACEMENTS[config.placement]

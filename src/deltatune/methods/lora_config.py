@@ -62,10 +62,20 @@ class LoraConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.r <= 0:
-            raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        from deltatune.validate import number, numbers
+
+        number("lora.r", self.r, integer=True, ge=1)
+        # alpha = 0 makes s = 0: the adapter adds nothing and gets zero gradients, so nothing trains.
+        number("lora.alpha", self.alpha, gt=0, hint="s = alpha/r scales the update; 0 would train nothing")
+        number("lora.dropout", self.dropout, ge=0, lt=1)
+        numbers("lora.rank_pattern", self.rank_pattern, integer=True, ge=1)
+        numbers("lora.alpha_pattern", self.alpha_pattern, gt=0)
+        for i, idx in enumerate(self.layers_to_transform or []):
+            number(f"lora.layers_to_transform[{i}]", idx, integer=True, ge=0)
+        from deltatune.methods import lora_init
+
+        if not lora_init.is_known(self.init):  # at load time, not after the model is loaded
+            lora_init.check_targets(self.init, [])
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         if isinstance(self.target_modules, list | tuple) and not self.target_modules:

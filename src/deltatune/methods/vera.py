@@ -78,6 +78,9 @@ class VeraConfig:
             raise ValueError(f"vera.r must be a positive integer, got {self.r!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"vera.dropout must be in [0, 1), got {self.dropout!r}")
+        from deltatune.validate import number
+
+        number("vera.d_initial", self.d_initial, gt=0, hint="d scales every update; 0 would train nothing")
         if self.b_init not in ("zeros", "ones"):
             raise ValueError(f"vera.b_init must be 'zeros' or 'ones', got {self.b_init!r}")
         if isinstance(self.target_modules, list | tuple) and not self.target_modules:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
+    from ..testing import TinyCase
     from ..train.runtime import Runtime
 
 __all__ = ["Batch", "Splits", "Objective", "Stage"]
@@ -101,6 +102,12 @@ class Objective(ABC):
     @abstractmethod
     def save(self, model: nn.Module, out_dir: Path) -> None:
         """Write the trained result under ``out_dir`` (an adapter dir, an HF model dir …)."""
+
+    @classmethod
+    def tiny_case(cls) -> TinyCase:
+        """A tiny model + data for tests/test_matrix.py (every (objective × method) pair trains 2 steps
+        through run()); see :class:`deltatune.testing.TinyCase`."""
+        raise NotImplementedError(f"objective {cls.name!r} provides no tiny_case() for tests/test_matrix.py")
 
     def size(self, batch: Batch) -> int:
         """Input units for throughput figures (summary ``tokens_per_s``): the attention mask's real

@@ -1,7 +1,7 @@
 """``objective: causal_lm`` — supervised fine-tuning of a causal LM (the built-in demo's objective).
 
 Data: ``data:`` files or the built-in JSON-extraction task, tokenised with the chat template and
-prompts masked (``deltatune.train.data``). Loss unit: a label token (labels ≠ −100 after the causal
+prompts masked (``deltatune.data``). Loss unit: a label token (labels ≠ −100 after the causal
 shift). Evaluation: token-weighted held-out loss and perplexity, plus exact match of greedy replies
 against the references (``eval:``). Saved as a PEFT-layout adapter (adapter methods) or an HF model
 directory (full / head / partial), as the method's registry row says.
@@ -19,18 +19,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..train.data import IGNORE_INDEX, PreparedData, Tokenized, collate, prepare_data
+from ..data import PreparedData, Tokenized, collate, data_report, prepare_data
+from ..losses import IGNORE_INDEX, causal_loss_sum, causal_loss_tokens, token_loss_sum
 from .base import Batch, Objective, Splits, Stage
 
 if TYPE_CHECKING:
+    from ..testing import TinyCase
     from ..train.runtime import Runtime
 
 log = logging.getLogger("deltatune.train")
 
-__all__ = ["CausalLM", "token_loss_sum", "loss_tokens", "eval_loss"]
+__all__ = ["CausalLM", "model_loss_sum", "loss_tokens", "eval_loss"]
 
 # Model families whose logits are exactly lm_head(final hidden state): for these the head is applied
 # only at positions that carry a label (completion-only loss skips most prompt positions, and the
@@ -38,17 +39,9 @@ __all__ = ["CausalLM", "token_loss_sum", "loss_tokens", "eval_loss"]
 _PLAIN_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gpt2", "phi3", "olmo", "olmo2", "smollm3"}
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Σ cross-entropy over the positions whose label is not −100, in fp32 (bf16 logits sum exactly).
-
-    logits (..., V) and labels (...) already aligned (the causal shift done by the caller)."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
-
-
 def loss_tokens(batch: Mapping[str, torch.Tensor]) -> int:
     """Label tokens of a causal-LM batch: labels ≠ −100 after the one-position shift."""
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    return causal_loss_tokens(batch["labels"])
 
 
 def _output_head(model: nn.Module) -> nn.Module | None:
@@ -76,7 +69,7 @@ def _labelled_positions_only(head: nn.Module, keep: torch.Tensor) -> Iterator[No
         handle.remove()
 
 
-def causal_loss_sum(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def model_loss_sum(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Σ token cross-entropy over positions with a label (causal shift applied), through ``model(...)``."""
     labels = batch["labels"][:, 1:]  # (B, T-1): the token each position predicts
     head = _output_head(model)
@@ -85,8 +78,8 @@ def causal_loss_sum(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torc
         with _labelled_positions_only(head, keep):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (N, V)
         return token_loss_sum(logits, labels[keep])
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    return token_loss_sum(logits, labels)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return causal_loss_sum(logits, batch["labels"])
 
 
 @torch.no_grad()
@@ -100,7 +93,7 @@ def eval_loss(model: nn.Module, rows: Sequence[Tokenized], pad_id: int, batch_si
         for i in range(0, len(rows), batch_size):
             batch = rt.to_device(collate(cast(Sequence[Any], rows[i : i + batch_size]), pad_id))
             with rt.autocast():
-                total += float(causal_loss_sum(model, batch))
+                total += float(model_loss_sum(model, batch))
             count += loss_tokens(batch)
     finally:
         model.train(was)
@@ -119,13 +112,16 @@ class CausalLM(Objective):
 
             model, processor = load_model(cfg.model.spec, dtype=cfg.model.dtype, device=rt.device)
         data = prepare_data(cfg.data, processor)
-        log.info("data: %d train rows, %d eval rows (format %s, %d skipped, %d truncated)", len(data.train),
-                 len(data.eval), data.format, data.skipped, data.truncated)
+        line, problems = data_report(data)  # nothing vanishes silently: dropped/truncated rows named
+        log.info("%s", line)
+        for problem in problems:
+            log.warning("%s", problem)
         self.tokenizer = processor
         self.pad = int(processor.pad_token_id)
         info = {"format": data.format, "train_rows": len(data.train), "eval_rows": len(data.eval),
                 "skipped_records": data.skipped, "skipped_messages": data.skipped_messages,
-                "truncated": data.truncated}
+                "truncated": data.truncated, "dropped_records": data.dropped,
+                "dropped_sources": data.dropped_sources}
         return model, processor, Splits(train=data.train, eval=data.eval, info=info, extra=data)
 
     def collate(self, rows: Sequence[Any]) -> Batch:
@@ -135,7 +131,7 @@ class CausalLM(Objective):
         return loss_tokens(batch)
 
     def loss_sum(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        return causal_loss_sum(model, batch)
+        return model_loss_sum(model, batch)
 
     def evaluate(self, model: nn.Module, splits: Splits, rt: Runtime, *, stage: Stage,
                  out_dir: Path | None = None, progress: bool = False) -> dict[str, Any]:
@@ -166,6 +162,26 @@ class CausalLM(Objective):
                 atomic_write_bytes(out_dir / f"predictions_{stage}.jsonl", ("\n".join(lines) + "\n").encode())
         log.info("%s training: %s", stage, {k: v for k, v in out.items() if k != "examples"})
         return out
+
+    @classmethod
+    def tiny_case(cls) -> TinyCase:
+        from transformers import AutoModelForCausalLM
+
+        from ..testing import TinyCase, build_tiny_tokenizer, make_tiny_llama
+
+        tok = build_tiny_tokenizer()
+        ids = torch.randint(4, len(tok), (2, 9), generator=torch.Generator().manual_seed(0))
+
+        def make() -> nn.Module:
+            return make_tiny_llama(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+
+        def outputs(model: nn.Module) -> torch.Tensor:
+            with torch.no_grad():
+                return cast(torch.Tensor, model(input_ids=ids).logits)
+
+        # The built-in task, 4 training rows; no generation (exact match is tested in tests/train).
+        sets = ["data.num_train=4", "data.num_eval=2", "eval.exact_match=false", "eval.batch_size=2"]
+        return TinyCase(make, tok, sets, outputs, lambda d: AutoModelForCausalLM.from_pretrained(d))
 
     def save(self, model: nn.Module, out_dir: Path) -> None:
         from ..registry import get_method

@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
-from ..train.data import collate, load_examples, tokenize_examples
+from ..data import collate, load_examples, tokenize_examples
 from .base import Batch, Splits, Stage
-from .causal_lm import CausalLM, causal_loss_sum, loss_tokens
+from .causal_lm import CausalLM, loss_tokens, model_loss_sum
 
 if TYPE_CHECKING:
     from ..train.runtime import Runtime
@@ -105,7 +105,7 @@ class MultiTask(CausalLM):
         from ..inject import adapter_per_sample
 
         with adapter_per_sample(_inner(model), list(batch["adapter"])):
-            return causal_loss_sum(model, batch)
+            return model_loss_sum(model, batch)
 
     @torch.no_grad()
     def _task_loss(self, model: nn.Module, rows: Sequence[Any], adapter: str | None, rt: Runtime) -> float:
@@ -118,10 +118,10 @@ class MultiTask(CausalLM):
             batch = rt.to_device(self.collate(chunk))
             with rt.autocast():
                 if adapter is None:
-                    total += float(causal_loss_sum(model, batch))
+                    total += float(model_loss_sum(model, batch))
                 else:
                     with adapter_per_sample(model, [adapter] * len(chunk)):
-                        total += float(causal_loss_sum(model, batch))
+                        total += float(model_loss_sum(model, batch))
             count += loss_tokens(batch)
         return total / max(1, count)
 

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from ..paths import cache_root
+
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("csrc") / "dequant4bit.c"
@@ -48,8 +50,6 @@ def enabled() -> bool:
 
 
 def _cache_dir() -> Path:
-    from ..models import cache_root  # local import: models pulls in transformers
-
     return cache_root() / "native"
 
 

@@ -20,8 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -101,45 +99,41 @@ def _skip_modules(model: nn.Module) -> list[str] | None:
     return None if default_left == left else left
 
 
-def save_4bit_checkpoint(model: nn.Module, tokenizer: Any, out: str | os.PathLike[str]) -> Path:
-    """Write ``model`` (its linears :class:`Linear4bit`, no adapters) and ``tokenizer`` to ``out``.
+def save_4bit_checkpoint(model: nn.Module, tokenizer: Any, out: str | os.PathLike[str],
+                         extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write ``model`` (its linears :class:`Linear4bit`, no adapters) and ``tokenizer`` to ``out``
+    (plus ``extra_files``: name → bytes, e.g. a merge report).
 
-    Written to a temporary sibling directory, then renamed into place, so a reader never sees a
-    half-written checkpoint.  An existing ``out`` is replaced only when it is empty or a model
-    directory (has config.json); anything else is an error.
+    Written to a temporary sibling directory, fsynced, then renamed into place
+    (:func:`deltatune.fsutil.atomic_dir`), so a reader never sees a half-written checkpoint, and a
+    full disk leaves the previous one.  An existing ``out`` is replaced only when it is empty or a
+    model directory (has config.json); anything else is an error.
     """
+    from ..fsutil import atomic_dir
+
     if hasattr(model, "deltatune_state"):
         raise ValueError("the model still holds adapters; merge them first (deltatune.unload)")
     target = Path(out)
-    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / "config.json").is_file())):
-        raise FileExistsError(f"{target} exists and is not a model directory; choose another output path")
     config: Any = getattr(model, "config", None)
     if config is None or not hasattr(model, "save_pretrained"):
         raise TypeError(f"{type(model).__name__} is not a transformers model (no config / save_pretrained)")
     qc = _bnb_config_dict(model)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     had = hasattr(config, "quantization_config")
     old = getattr(config, "quantization_config", None)
     try:
-        config.quantization_config = qc
-        hf: Any = model
-        hf.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        trash = None
-        if target.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-            os.rename(target, trash / "old")
-        os.rename(tmp, target)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
+        with atomic_dir(target, replaceable=lambda p: (p / "config.json").is_file(), what="model directory") as tmp:
+            config.quantization_config = qc
+            hf: Any = model
+            hf.save_pretrained(tmp, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            for name, data in (extra_files or {}).items():
+                (tmp / name).write_bytes(data)
     finally:
         if had:
             config.quantization_config = old
-        else:
+        elif hasattr(config, "quantization_config"):
             del config.quantization_config
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -14,16 +14,15 @@ import copy
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..losses import causal_loss_sum, causal_loss_tokens
 from .linear4bit import Linear4bit
 
-__all__ = ["merged_4bit_copy", "merge_error_report", "merge_error_reports", "reference_batches", "merge_into_4bit_checkpoint",
+__all__ = ["merged_4bit_copy", "merge_error_report", "merge_error_reports", "merge_into_4bit_checkpoint",
            "quantize_like", "format_merge_report"]
 
 
@@ -86,10 +85,7 @@ def _token_stats(logits: Tensor, batch: Mapping[str, Tensor]) -> tuple[Tensor, T
     labels = batch.get("labels")
     if labels is None:
         labels = batch["input_ids"].masked_fill(~mask, -100)
-    tgt = labels[:, 1:]  # (B, T-1): the token each position predicts
-    ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                         ignore_index=-100, reduction="sum")
-    return mask, ce, (tgt != -100).sum()
+    return mask, causal_loss_sum(logits, labels), torch.tensor(causal_loss_tokens(labels))
 
 
 @torch.no_grad()
@@ -174,33 +170,6 @@ def merge_error_reports(
     return reports
 
 
-def reference_batches(
-    tokenizer: Any,
-    data: str | os.PathLike[str] | None = None,
-    *,
-    max_length: int = 256,
-    batch_size: int = 4,
-    num_examples: int = 16,
-) -> list[dict[str, Tensor]]:
-    """Reference text for :func:`merge_error_report`: the first ``num_examples`` records of a data
-    file (any format ``deltatune.train.data`` reads), or of the built-in task's held-out split;
-    every token is scored (not only completions)."""
-    from ..tasks import make_task
-    from ..train.data import collate, examples_from_records, load_examples, tokenize_examples
-
-    if data is not None:
-        examples = load_examples(Path(data)).examples[:num_examples]
-    else:
-        _, recs = make_task()  # the default run's held-out split: never trained on
-        recs = recs[:num_examples]
-        examples = examples_from_records([(f"<built-in task> (eval {i})", r) for i, r in enumerate(recs)], "chat").examples
-    rows, _, _ = tokenize_examples(examples, tokenizer, max_length, completion_only_loss=False)
-    if not rows:
-        raise ValueError(f"{data or 'built-in task'}: no reference text")
-    pad = tokenizer.pad_token_id
-    return [collate(cast(Any, rows[i : i + batch_size]), pad) for i in range(0, len(rows), batch_size)]
-
-
 def quantize_like(model16: nn.Module, reference: nn.Module) -> nn.Module:
     """Quantize, in place, every linear of ``model16`` that is a :class:`Linear4bit` in ``reference``
     (same path, or ``<path>.base_layer`` under an adapter), with that layer's block size, double
@@ -237,8 +206,6 @@ def merge_into_4bit_checkpoint(
     codes in proportion to its size, at the price of fresh rounding noise.  The one with the lower
     mean |Δ logit| is written; the report carries both (``strategies``) and ``strategy``.
     """
-    import json
-
     from ..inject import unload
     from .checkpoint import save_4bit_checkpoint
 
@@ -250,8 +217,11 @@ def merge_into_4bit_checkpoint(
     report: dict[str, Any] = {"strategy": best, **reports[best]}
     if len(reports) > 1:
         report["strategies"] = reports
-    target = save_4bit_checkpoint(candidates[best], tokenizer, out)
-    (target / "merge_report.json").write_text(json.dumps(report, indent=2))
+    from ..fsutil import dumps_json
+
+    # The report goes inside the same atomic directory: the checkpoint and its report appear together.
+    save_4bit_checkpoint(candidates[best], tokenizer, out,
+                         extra_files={"merge_report.json": dumps_json(report, indent=2).encode()})
     return report
 
 

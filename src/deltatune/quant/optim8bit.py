@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .nf4 import create_dynamic_map, dequantize_blockwise_8bit, quantize_blockwise_8bit
+from .blockwise8 import create_dynamic_map, dequantize_blockwise_8bit, quantize_blockwise_8bit
 
 __all__ = ["AdamW8bit", "PagedAdamW", "optimizer_state_bytes"]
 

@@ -60,7 +60,7 @@ def _fisher_rows(cfg: Any, objective: Any, splits: Any) -> list[Any]:
 
             rows = reference_rows(cfg.forgetting, tok)
         else:
-            from ..train.data import load_examples, tokenize_examples
+            from ..data import load_examples, tokenize_examples
 
             rows = tokenize_examples(load_examples(src).examples, tok, cfg.data.max_length)[0]
     if not rows:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..train.data import IGNORE_INDEX, Tokenized, collate
+from ..data import IGNORE_INDEX, Tokenized, collate
 from ..train.forgetting import BaseCache, cache_base, token_kl, topk_kl
 from .config import KlConfig
 

@@ -279,7 +279,14 @@ class Engine:
                 self.batch.compact(force=True)
                 return False
             if joiners:
-                self.batch.add([j.row for j in joiners])
+                try:
+                    self.batch.add([j.row for j in joiners])
+                except Exception as e:  # noqa: BLE001 - the joiners fail; the running rows go on
+                    log.exception("prefill failed")
+                    for j in joiners:
+                        j.finished = True
+                        j.emit("error", j.index, f"generation failed: {e}")
+                    return True
             else:
                 self.batch.step()
             self.peak_rows = max(self.peak_rows, self.batch.active)

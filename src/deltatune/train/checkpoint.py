@@ -22,8 +22,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from ..fsutil import fix_modes, fsync_tree
 
 if TYPE_CHECKING:
     from .hooks import Hook
@@ -81,11 +84,17 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
         state = {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(), "progress": progress,
                  "hooks": hook_meta}
         (tmp / "state.json").write_text(json.dumps(state, indent=1, default=_json_default))
+        fix_modes(tmp)  # mkdtemp 0700, safetensors 0600 → what open/mkdir give under the umask
+        fsync_tree(tmp)  # the data is on disk before the rename makes the checkpoint visible
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError | SafetensorError):  # a full disk: say which checkpoint, keep the others
+            reason = getattr(e, "strerror", None) or str(e)
+            raise OSError(getattr(e, "errno", None) or 5, f"writing the checkpoint failed: {reason}; the previous "
+                          "checkpoints are kept", str(final)) from e
         raise
     for old in sorted(root.glob("step-*"))[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -133,7 +142,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         params = load_file(str(path / "trainable.safetensors"))
         opt_tensors = load_file(str(path / "optimizer.safetensors"))
         state = json.loads((path / "state.json").read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: a truncated file
         raise ValueError(f"{path}: checkpoint cannot be read ({e}); delete it to resume from the one before") from e
     named = dict(model.named_parameters())
     missing = [n for n in params if n not in named]

@@ -13,17 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from deltatune.compose.mix import MixConfig
-from deltatune.methods.adalora import AdaLoraConfig
-from deltatune.methods.bottleneck import BottleneckConfig
-from deltatune.methods.lora_config import LoraConfig
-from deltatune.methods.prompts import PromptConfig
-from deltatune.methods.vera import VeraConfig
+from deltatune.methods.strategies import PartialConfig
 from deltatune.regularize.config import RegularizeConfig
 from deltatune.train.forgetting import ForgettingConfig
+from deltatune.validate import finite_fields
 
 __all__ = [
-    "TRAIN_METHODS",
     "DataConfig",
     "EvalConfig",
     "LoopConfig",
@@ -32,11 +27,6 @@ __all__ = [
     "TrainConfig",
     "section",
 ]
-
-# The methods `deltatune train` accepts. One constant on purpose: it is the seam where the method
-# registry (deltatune.registry) will take over.
-TRAIN_METHODS: tuple[str, ...] = ("lora", "qlora", "dora", "vera", "adalora", "full", "head", "partial",
-                                  "bottleneck", "prompt_tuning", "prefix_tuning", "p_tuning_v2", "mix")
 
 _TIMESTAMP = "{timestamp}"
 
@@ -68,6 +58,14 @@ class ModelConfig:
     device: str = field(
         default="auto", metadata=_doc("'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'.")
     )
+    quantize: Literal["none", "nf4", "fp4"] = field(
+        default="none",
+        metadata=_doc(
+            "Store the frozen base in 4 bits (NF4 or FP4, double-quantized; embeddings and the output head "
+            "keep their dtype) under any adapter method, and 'head'; method 'qlora' is lora + nf4. A 4-bit "
+            "checkpoint as model.spec is used as it is."
+        ),
+    )
 
     def __post_init__(self) -> None:
         _check(
@@ -77,22 +75,6 @@ class ModelConfig:
             self.device.startswith("cuda:") and self.device[5:].isdigit()
         )
         _check(ok, f"model.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-
-
-@dataclass
-class PartialConfig:
-    """Partial fine-tuning (method 'partial'): only the top blocks and named modules train."""
-
-    top_n_layers: int = field(default=2, metadata=_doc("Number of top transformer blocks trained in full."))
-    modules: list[str] = field(
-        default_factory=list,
-        metadata=_doc(
-            "Extra modules trained in full, by exact name or dotted suffix (e.g. ['norm', 'lm_head'])."
-        ),
-    )
-
-    def __post_init__(self) -> None:
-        _check(self.top_n_layers >= 0, f"partial.top_n_layers must be >= 0, got {self.top_n_layers}")
 
 
 @dataclass
@@ -224,6 +206,7 @@ class LoopConfig:
     )
 
     def __post_init__(self) -> None:
+        finite_fields(self, "train")
         _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
         _check(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
         _check(
@@ -279,18 +262,13 @@ class EvalConfig:
         _check(self.batch_size >= 1, f"eval.batch_size must be >= 1, got {self.batch_size}")
 
 
-def _default_lora() -> LoraConfig:
-    # Tuned for the built-in task on SmolLM2-135M: QLoRA's finding that adapting every linear
-    # layer matches full fine-tuning, with a rank large enough to learn the output format in one epoch.
-    return LoraConfig(r=16, alpha=32.0, target_modules="all-linear")
-
-
 @dataclass
 class _TrainConfig:
     """Everything ``deltatune train`` needs; YAML sections mirror the nested dataclasses.
 
-    ``TrainConfig`` (below) is this class plus one section per objective that has a ``Config``
-    dataclass (``registry.OBJECTIVES``), named after the objective; read it with :func:`section`."""
+    ``TrainConfig`` (below) is this class plus the method sections of ``registry.METHODS`` (lora,
+    partial, bottleneck, prompt, vera, adalora) and one section per objective with a ``Config``
+    dataclass (``registry.OBJECTIVES``), named after the objective; :func:`section` reads one typed."""
 
     objective: str = field(
         default="causal_lm",
@@ -300,27 +278,8 @@ class _TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig, metadata=_doc("The base model."))
     method: str = field(
         default="lora",
-        metadata=_doc(f"Fine-tuning method: one of {', '.join(repr(m) for m in TRAIN_METHODS)}."),
+        metadata=_doc("Fine-tuning method: a name in deltatune.registry.METHODS (listed above)."),
     )
-    lora: LoraConfig = field(
-        default_factory=_default_lora, metadata=_doc("LoRA settings (methods 'lora', 'qlora').")
-    )
-    partial: PartialConfig = field(
-        default_factory=PartialConfig, metadata=_doc("Settings for method 'partial'.")
-    )
-    bottleneck: BottleneckConfig = field(
-        default_factory=BottleneckConfig, metadata=_doc("Bottleneck adapter settings (method 'bottleneck').")
-    )
-    prompt: PromptConfig = field(
-        default_factory=PromptConfig,
-        metadata=_doc("Virtual-token settings (methods 'prompt_tuning', 'prefix_tuning', 'p_tuning_v2')."),
-    )
-    vera: VeraConfig = field(default_factory=VeraConfig, metadata=_doc("VeRA settings (method 'vera')."))
-    adalora: AdaLoraConfig = field(
-        default_factory=AdaLoraConfig, metadata=_doc("AdaLoRA settings (method 'adalora').")
-    )
-    mix: MixConfig = field(default_factory=MixConfig, metadata=_doc(
-        "Learnable mixing weights over frozen LoRA adapters (method 'mix')."))
     data: DataConfig = field(default_factory=DataConfig, metadata=_doc("Training and evaluation data."))
     train: LoopConfig = field(default_factory=LoopConfig, metadata=_doc("Optimizer, schedule and loop."))
     eval: EvalConfig = field(default_factory=EvalConfig, metadata=_doc("Generation-based evaluation."))
@@ -339,39 +298,39 @@ class _TrainConfig:
         default=False,
         metadata=_doc("Continue from the latest checkpoint in output_dir (same config, same batch order)."),
     )
+    overwrite: bool = field(
+        default=False,
+        metadata=_doc("Start afresh in an output_dir that holds another run, deleting that run's files "
+                      "(without it such a directory is refused)."),
+    )
 
     def __post_init__(self) -> None:
-        from ..registry import OBJECTIVES
+        from ..registry import METHODS, OBJECTIVES
 
         _check(
             self.objective in OBJECTIVES,
             f"objective must be one of {', '.join(repr(o) for o in OBJECTIVES)}, got {self.objective!r}",
         )
         _check(
-            self.method in TRAIN_METHODS,
-            f"method must be one of {', '.join(repr(m) for m in TRAIN_METHODS)}, got {self.method!r}",
+            self.method in METHODS,
+            f"method must be one of {', '.join(repr(m) for m in METHODS)}, got {self.method!r}",
         )
+        method = METHODS[self.method]
         _check(bool(self.output_dir.strip()), "output_dir is empty: give a directory, e.g. runs/my-run")
+        _check(not (self.resume and self.overwrite), "resume and overwrite exclude each other: continue the run "
+               "in output_dir (resume) or replace it (overwrite)")
         _check(
             not (self.resume and _TIMESTAMP in self.output_dir),
             "resume: true needs the output_dir of the run to continue (it still contains '{timestamp}'): "
             "set output_dir to that run's directory",
         )
         _check(
-            not (self.method == "partial" and self.partial.top_n_layers == 0 and not self.partial.modules),
-            "method 'partial' with partial.top_n_layers=0 and no partial.modules would train nothing: "
-            "set top_n_layers > 0 or list modules",
+            method.quantizable or self.model.quantize == "none",
+            f"model.quantize={self.model.quantize!r}: method {self.method!r} trains the base weights themselves, "
+            "which a 4-bit base cannot hold; use an adapter method (or model.quantize=none)",
         )
-        _check(
-            not (self.method in ("prompt_tuning", "p_tuning_v2") and self.prompt.projection),
-            f"prompt.projection=true is prefix tuning's MLP reparameterisation; method {self.method!r} has none: "
-            "use method 'prefix_tuning' or set prompt.projection=false",
-        )
-        _check(
-            not (self.method in ("prefix_tuning", "p_tuning_v2") and self.train.gradient_checkpointing),
-            f"method {self.method!r} cannot use train.gradient_checkpointing (checkpointed layers drop the KV "
-            "cache that carries the prefix): set it to false",
-        )
+        if method.check is not None:
+            method.check(self)
 
     def resolve_output_dir(self, now: _dt.datetime | None = None) -> Path:
         """``output_dir`` with ``{timestamp}`` filled in (call once at the start of a run)."""
@@ -380,12 +339,14 @@ class _TrainConfig:
 
 
 def _with_objective_sections(base: type) -> type:
-    """``base`` plus a field per objective ``Config`` (one dataclass + one registry row adds a section)."""
-    from ..registry import OBJECTIVES
+    """``base`` plus a field per method section (``registry.METHODS``) and per objective ``Config``
+    (``registry.OBJECTIVES``): one dataclass + one registry row adds a section."""
+    from ..registry import OBJECTIVES, sections
 
-    extra = [(name, obj.Config, field(default_factory=obj.Config,
-                                      metadata=_doc(f"Settings of objective {name!r}: {obj.summary}.")))
-             for name, obj in OBJECTIVES.items() if obj.Config is not None]
+    extra = [(sec.name, sec.cls, field(default_factory=sec.default, metadata=_doc(sec.doc))) for sec in sections()]
+    extra += [(name, obj.Config, field(default_factory=obj.Config,
+                                       metadata=_doc(f"Settings of objective {name!r}: {obj.summary}.")))
+              for name, obj in OBJECTIVES.items() if obj.Config is not None]
     return dataclasses.make_dataclass("TrainConfig", extra, bases=(base,),
                                       namespace={"__doc__": base.__doc__, "__module__": __name__})
 

@@ -19,6 +19,7 @@ from ..generate import (
     greedy_generate_ids,
     stop_token_ids,
 )
+from ..losses import causal_loss_sum, causal_loss_tokens
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -42,15 +43,12 @@ def perplexity(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) 
         for batch in batches:
             input_ids = batch["input_ids"].to(device)
             mask = batch.get("attention_mask")
-            labels = batch["labels"].to(device)[:, 1:]  # (B, T-1): token t+1 is predicted at t
+            labels = batch["labels"].to(device)  # (B, T): token t+1 is predicted at t
             logits = model(
                 input_ids=input_ids, attention_mask=None if mask is None else mask.to(device)
-            ).logits
-            logits = logits[:, :-1, :].float()  # (B, T-1, V), fp32 so bf16 models sum losses exactly
-            total += F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
-            ).item()
-            count += int((labels != -100).sum())
+            ).logits  # (B, T, V)
+            total += causal_loss_sum(logits, labels).item()
+            count += causal_loss_tokens(labels)
     finally:
         model.train(was_training)
     if count == 0:

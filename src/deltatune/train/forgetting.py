@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..data import IGNORE_INDEX, Tokenized, collate, load_examples, tokenize_examples
 from ..io import atomic_write_bytes
-from .data import IGNORE_INDEX, Tokenized, collate, load_examples, tokenize_examples
 from .reference import reference_rows
 
 if TYPE_CHECKING:

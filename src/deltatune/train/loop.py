@@ -31,15 +31,18 @@ from torch import nn
 from tqdm import tqdm
 
 from ..config import to_dict
+from ..fsutil import dumps_json
 from ..io import atomic_write_bytes
-from ..registry import get_method, get_objective
+from ..registry import apply_method, get_objective
 from ..regularize import report as hooks_report
 from . import forgetting, replay
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .guard import DivergenceGuard
 from .hooks import RunInfo, after_step, check_hooks, extra_loss, regularisers
 from .inference import merged_for_inference
 from .optim import lr_lambda, make_optimizer, make_scheduler
+from .rundir import claim, last_logged_loss, truncate_metrics
 from .runtime import Runtime, StopFlag
 
 log = logging.getLogger("deltatune.train")
@@ -71,6 +74,7 @@ def run(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer: Any = No
     A run that fails leaves no half-made run directory behind: one this call created and that holds
     no checkpoint yet is removed; otherwise ``error.txt`` in it says why the run stopped."""
     out_dir = Path(cfg.output_dir) if cfg.resume else cfg.resolve_output_dir()
+    claim(cfg, out_dir)  # one run per directory; --resume only with the same config (rundir.py)
     existed = out_dir.exists()
     try:
         return _run(cfg, out_dir, model, tokenizer, progress, stop_after_steps)
@@ -93,7 +97,7 @@ def _record_failure(out_dir: Path, existed: bool, error: BaseException) -> None:
 def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: Any, progress: bool,
          stop_after_steps: int | None) -> RunResult:
     t_start = time.perf_counter()
-    method, obj = get_method(cfg.method), get_objective(cfg.objective)(cfg)
+    obj = get_objective(cfg.objective)(cfg)
     torch.manual_seed(cfg.train.seed)
     passed_in = model is not None and tokenizer is not None
     rt = Runtime.create(cfg.train.bf16, next(model.parameters()).device if model is not None and passed_in
@@ -111,12 +115,12 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
         before = json.loads((out_dir / "before.json").read_text())
     elif cfg.eval.before and ckpt is None:
         before = obj.evaluate(model, splits, rt, stage="before", out_dir=out_dir, progress=progress)
-        atomic_write_bytes(out_dir / "before.json", json.dumps(before, indent=2).encode())
+        atomic_write_bytes(out_dir / "before.json", dumps_json(before, indent=2).encode())
 
     per_epoch = max(1, len(replay.batch_plan(cfg, splits, 0)) // cfg.train.grad_accum)
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else per_epoch * cfg.train.epochs
     info = RunInfo(total_steps=total_steps, steps_per_epoch=per_epoch, world=rt.world, processor=processor)
-    hooks = method.apply(model, cfg, info)
+    hooks = apply_method(model, cfg, info)
     obj.after_apply(model)  # e.g. a classifier's new head, one adapter per task; before the regularisers see it
     hooks = check_hooks(hooks + regularisers(cfg, obj, model, splits))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -139,8 +143,8 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
         log.warning("resume: no checkpoint in %s; starting from scratch", out_dir)
 
     metrics_path = out_dir / "metrics.jsonl"
-    if not cfg.resume and metrics_path.exists():
-        metrics_path.unlink()
+    truncate_metrics(metrics_path, prog.step)  # steps after the checkpoint are redone: log them once
+    guard = DivergenceGuard(model, out_dir)
     losses: list[float] = []
     model.train()
     t_train, units_this_run, interrupted = time.perf_counter(), 0, False
@@ -166,6 +170,7 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
                     total += float(loss.detach())
                 grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
                              if cfg.train.max_grad_norm > 0 else None)
+                guard.check_step(prog.step + 1, total, grad_norm, scheduler.get_last_lr()[0], params)  # before the update
                 optimizer.step()
                 scheduler.step()
                 after_step(hooks, prog.step)  # before zero_grad: AdaLoRA scores use this step's gradients
@@ -186,8 +191,9 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
                 if cfg.train.eval_every and prog.step % cfg.train.eval_every == 0 and splits.eval:
                     ev = obj.evaluate(model, splits, rt, stage="during")
                     rec.update({k: round(v, 6) if isinstance(v, float) else v for k, v in ev.items()})
-                _log_step(metrics, rec, bar, cfg.train.log_every if not bar.disable else 0, total_steps)
+                _log_step(metrics, rec, bar, cfg.train.log_every if bar.disable and rt.is_main else 0, total_steps)
                 if cfg.train.save_every and prog.step % cfg.train.save_every == 0:
+                    guard.check_params(model, prog.step)  # checkpoints are finite: the last one is the last good state
                     save_checkpoint(out_dir, prog.step, model, optimizer, scheduler, asdict(prog), hooks)
                 if stop.raised or (stop_after_steps is not None and prog.step >= stop_after_steps):
                     interrupted = True
@@ -195,6 +201,7 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
             if not interrupted:
                 prog.epoch, prog.micro_done = prog.epoch + 1, 0
         bar.close()
+        guard.check_params(model, prog.step)
         save_checkpoint(out_dir, prog.step, model, optimizer, scheduler, asdict(prog), hooks)
     train_seconds = time.perf_counter() - t_train
     if interrupted:
@@ -218,14 +225,15 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
         "steps": prog.step, "train_tokens": prog.tokens, "train_seconds": round(train_seconds, 2),
         "tokens_per_s": round(units_this_run / max(train_seconds, 1e-9), 1),
         "wall_seconds": round(time.perf_counter() - t_start, 2), "peak_memory_mb": round(rt.peak_memory_mb(), 1),
-        "data": splits.info, "final_loss": losses[-1] if losses else None, "forgetting": fgt,
+        "data": splits.info, "final_loss": round(losses[-1], 6) if losses else last_logged_loss(metrics_path),  # as metrics.jsonl
+        "forgetting": fgt,
     }
     if hooks_report(hooks):
         summary["regularize"] = hooks_report(hooks)
     storage = _storage_report(model)
     if storage:
         summary["storage_bytes"] = storage
-    atomic_write_bytes(out_dir / "summary.json", json.dumps(summary, indent=2).encode())
+    atomic_write_bytes(out_dir / "summary.json", dumps_json(summary, indent=2).encode())
     return RunResult(out_dir, summary, losses, interrupted)
 
 
@@ -238,7 +246,7 @@ def _make_run_dir(cfg: TrainConfig, out_dir: Path) -> None:
 
 def _log_step(metrics: Any, rec: dict[str, Any], bar: Any, log_every: int, total: int) -> None:
     """One metrics.jsonl record per step; the progress bar, or a log line every ``log_every`` steps."""
-    metrics.write(json.dumps(rec) + "\n")
+    metrics.write(dumps_json(rec) + "\n")
     metrics.flush()
     bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
     bar.update(1)

@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .data import DataError, Tokenized, load_examples, tokenize_examples
+from ..data import DataError, Tokenized, load_examples, tokenize_examples
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

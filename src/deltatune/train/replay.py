@@ -19,7 +19,7 @@ import dataclasses
 import random
 from typing import Any
 
-from .data import epoch_batches, load_examples, tokenize_examples
+from ..data import epoch_batches, load_examples, tokenize_examples
 
 __all__ = ["replay_batches", "mix", "batch_plan"]
 

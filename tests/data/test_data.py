@@ -1,4 +1,4 @@
-"""deltatune.train.data: readers, format detection, masking via the chat template, packing, collate,
+"""deltatune.data: readers, format detection, masking via the chat template, packing, collate,
 batch order — on the in-memory tiny tokenizer (deltatune.testing), no network."""
 
 from __future__ import annotations
@@ -11,9 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from deltatune.testing import build_tiny_tokenizer
-from deltatune.train.config import DataConfig
-from deltatune.train.data import (
+from deltatune.data import (
     IGNORE_INDEX,
     DataError,
     Example,
@@ -30,6 +28,8 @@ from deltatune.train.data import (
     tokenize_example,
     tokenize_examples,
 )
+from deltatune.testing import build_tiny_tokenizer
+from deltatune.train.config import DataConfig
 
 ALPACA = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}
 CHAT = {
