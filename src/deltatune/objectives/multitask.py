@@ -43,6 +43,9 @@ def _inner(model: nn.Module) -> nn.Module:
 class MultiTask(CausalLM):
     name = "multitask"
     summary = "one LoRA adapter per task (data.tasks), trained together: each example routed to its task's adapter"
+    # LoRA-family methods only, and adapters/<task>/ instead of adapter/: tests/objectives/test_multitask.py
+    # covers run(), save and resume; tests/test_matrix.py skips it.
+    in_matrix = False
 
     def setup(self, cfg: Any, rt: Runtime, *, model: nn.Module | None = None,
               processor: Any = None) -> tuple[nn.Module, Any, Splits]:
