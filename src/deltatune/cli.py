@@ -276,13 +276,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from . import unload
     from .fsutil import atomic_dir, check_output
 
+    if (args.adapter is None) == (args.finetuned is None) or (args.finetuned is not None and args.into_4bit):
+        print("deltatune merge: error: the following arguments are required: --adapter (or --finetuned DIR with "
+              "--scale, without --into-4bit)", file=sys.stderr)
+        return 2
     _output_checks(args, ("adapter", args.adapter), ("reference data", getattr(args, "data", None)))
     out = Path(args.out)
     check_output(out, replaceable=_is_model_dir, what="merged model directory")  # before the (slow) load
     if args.into_4bit:
         return _merge_into_4bit(args)
-    if (args.adapter is None) == (args.finetuned is None):
-        raise SystemExit("merge: give --adapter (or, with --scale, --finetuned)")
     if args.finetuned is not None:
         from .wise import interpolate
 
