@@ -89,6 +89,8 @@ def _losses(run_dir: Path) -> list[float]:
 def test_pair(objective: str, method: str, tmp_path: Path) -> None:
     if (objective, method) == ("classify", "mix"):
         pytest.skip("known gap: the mixed adapter's file does not carry the classifier head yet (classify report)")
+    if not getattr(OBJECTIVES[objective], "in_matrix", True):  # e.g. multitask: LoRA family only, own tests
+        pytest.skip(f"objective {objective!r} is tested by its own tests, not the method matrix")
     case = _case(objective)
     if method not in case.notes.get("methods", METHODS):  # an objective may train with some methods only
         pytest.skip(f"objective {objective!r} trains with {case.notes['methods']} only")

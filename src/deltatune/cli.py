@@ -76,7 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("merge", help="merge an adapter into its base and write a plain HF model directory")
     m.add_argument("--model", default="default")
-    m.add_argument("--adapter", required=True)
+    m.add_argument("--adapter", help="adapter directory (PEFT format)")
+    m.add_argument("--finetuned", help="with --scale: a fully fine-tuned model directory (θ) to interpolate "
+                                       "with --model (θ₀) instead of an adapter")
+    m.add_argument("--scale", type=float, default=1.0,
+                   help="WiSE-FT α: W₀ + α·ΔW (adapter) or θ₀ + α(θ − θ₀) (--finetuned); 1 = plain merge")
     m.add_argument("--out", required=True, help="new model directory (an earlier merged/model directory is "
                                                 "replaced whole; an input or any other existing path is refused)")
     m.add_argument("--dtype", default="auto", help="weights dtype of the merged model (auto/bf16/fp32)")
@@ -85,6 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "prints the error merging adds (max |Δ logit|, perplexity change)")
     m.add_argument("--data", help="with --into-4bit: reference text for the error report (a data file; "
                                   "default: the built-in task's held-out examples)")
+
+    w = sub.add_parser("wise-sweep", help="WiSE-FT: target score vs forgetting for several α in one table")
+    w.add_argument("--model", default="default", help="the base model (θ₀)")
+    wsrc = w.add_mutually_exclusive_group(required=True)
+    wsrc.add_argument("--adapter", help="adapter directory: α scales its ΔW")
+    wsrc.add_argument("--finetuned", help="fully fine-tuned model directory: θ₀ + α(θ − θ₀)")
+    w.add_argument("--alphas", default="0,0.25,0.5,0.75,1", help="comma-separated α values")
+    w.add_argument("--data", help="target evaluation data (a data file; default: the built-in task's held-out set)")
+    w.add_argument("--no-generate", action="store_true", help="target loss only (no exact match)")
+    w.add_argument("--reference-file", help="forgetting reference text (default: built-in Wikipedia leads)")
+    w.add_argument("--max-new-tokens", type=int, default=64)
+    w.add_argument("--json", help="also write the rows to this JSON file")
 
     q = sub.add_parser("quantize", help="write a 4-bit (NF4) checkpoint that transformers + bitsandbytes load")
     q.add_argument("model", help="'default', an HF model directory or a .gguf file")
@@ -196,6 +212,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"trainable params: {s['trainable_params']:,d} of {s['all_params']:,d} ({s['trainable_percent']:.3f}%)  "
           f"train {s['train_seconds']:.0f} s at {s['tokens_per_s']:.0f} tok/s; total {s['wall_seconds']:.0f} s; "
           f"peak memory {s['peak_memory_mb']:.0f} MiB")
+    from .train.forgetting import summary_lines
+
+    for line in summary_lines(s.get("forgetting", {})):
+        print(line)
     for ex in a.get("examples", [])[:2]:
         print(f"  reference:  {ex['reference']}\n  prediction: {ex['prediction']}")
     return 0
@@ -269,13 +289,30 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from . import unload
     from .fsutil import atomic_dir, check_output
 
+    if (args.adapter is None) == (args.finetuned is None) or (args.finetuned is not None and args.into_4bit):
+        print("deltatune merge: error: the following arguments are required: --adapter (or --finetuned DIR with "
+              "--scale, without --into-4bit)", file=sys.stderr)
+        return 2
     _output_checks(args, ("adapter", args.adapter), ("reference data", getattr(args, "data", None)))
     out = Path(args.out)
     check_output(out, replaceable=_is_model_dir, what="merged model directory")  # before the (slow) load
     if args.into_4bit:
         return _merge_into_4bit(args)
-    model, tok = _load(args.model, args.adapter, args.dtype)
-    plain: Any = unload(model)
+    if args.finetuned is not None:
+        from .wise import interpolate
+
+        base, _ = _load(args.model, None, args.dtype)
+        plain: Any
+        plain, tok = _load(args.finetuned, None, args.dtype)
+        interpolate(plain, base.state_dict(), args.scale)
+    elif args.scale != 1.0:
+        from .wise import merge_scaled
+
+        model, tok = _load(args.model, args.adapter, args.dtype)
+        plain = merge_scaled(model, args.scale)
+    else:
+        model, tok = _load(args.model, args.adapter, args.dtype)
+        plain = unload(model)
     with atomic_dir(out, replaceable=_is_model_dir, what="merged model directory") as tmp:
         plain.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
@@ -306,6 +343,18 @@ def _merge_into_4bit(args: argparse.Namespace) -> int:
     print("\n".join(format_merge_report(report)))
     print(f"merged 4-bit model written to {args.out} (report in merge_report.json; loads with "
           "transformers + bitsandbytes, or deltatune --model)")
+    return 0
+
+
+def cmd_wise_sweep(args: argparse.Namespace) -> int:
+    from .wise import format_sweep, sweep_cli
+
+    rows = sweep_cli(args)
+    print("\n".join(format_sweep(rows)))
+    if args.json:
+        from .io import atomic_write_bytes
+
+        atomic_write_bytes(args.json, json.dumps(rows, indent=2).encode())
     return 0
 
 
@@ -474,7 +523,8 @@ def cmd_dreambooth(args: argparse.Namespace) -> int:
     return run(args)
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "merge": cmd_merge, "eval": cmd_eval, "info": cmd_info,
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "merge": cmd_merge, "wise-sweep": cmd_wise_sweep,
+            "eval": cmd_eval, "info": cmd_info,
             "quantize": cmd_quantize, "compose": cmd_compose, "serve": cmd_serve,
             "export": cmd_export, "dreambooth": cmd_dreambooth}
 

@@ -50,6 +50,7 @@ from .objectives.base import Objective
 from .objectives.causal_lm import CausalLM
 from .objectives.classify import Classify
 from .objectives.dreambooth import DreamBooth
+from .objectives.multitask import MultiTask
 from .train.hooks import Hook, RunInfo
 
 if TYPE_CHECKING:
@@ -292,6 +293,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "causal_lm": CausalLM,
     "classify": Classify,
     "dreambooth": DreamBooth,
+    "multitask": MultiTask,
 }
 
 QUANT_TYPES = ("none", "nf4", "fp4")

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from deltatune.methods.strategies import PartialConfig
+from deltatune.regularize.config import RegularizeConfig
 from deltatune.train.distributed import RuntimeConfig
+from deltatune.train.forgetting import ForgettingConfig
 from deltatune.validate import finite_fields
 
 __all__ = [
@@ -118,6 +120,18 @@ class DataConfig:
     skip_bad_records: bool = field(
         default=False, metadata=_doc("Skip and count malformed records instead of stopping at the first one.")
     )
+    tasks: dict[str, str] = field(
+        default_factory=dict, metadata=_doc(
+            "Multi-task adapters (objective 'multitask'): task name → data file; one adapter per task, each "
+            "example routed to its task's adapter, saved under adapters/<task>/."))
+    task_weights: dict[str, float] = field(
+        default_factory=dict, metadata=_doc(
+            "Multi-task: examples per epoch relative to the task's file size (e.g. {a: 2.0} repeats task a twice); "
+            "default 1."))
+    replay_file: str | None = field(
+        default=None, metadata=_doc("Replay data (general or old-task examples, any train format) mixed into every batch."))
+    replay_ratio: float = field(
+        default=0.0, metadata=_doc("Fraction of each batch's examples drawn from replay_file (0 = off; < 1)."))
     num_train: int = field(default=320, metadata=_doc("Built-in task only: number of training examples."))
     num_eval: int = field(default=40, metadata=_doc("Built-in task only: number of evaluation examples."))
     seed: int = field(default=0, metadata=_doc("Built-in task only: generation seed."))
@@ -126,6 +140,12 @@ class DataConfig:
         _check(self.max_length >= 8, f"data.max_length must be >= 8 tokens, got {self.max_length}")
         _check(self.num_train > 0, f"data.num_train must be > 0, got {self.num_train}")
         _check(self.num_eval >= 0, f"data.num_eval must be >= 0, got {self.num_eval}")
+        _check(all(w > 0 for w in self.task_weights.values()), f"data.task_weights must be > 0, got {self.task_weights}")
+        _check(set(self.task_weights) <= set(self.tasks),
+               f"data.task_weights names tasks {sorted(set(self.task_weights) - set(self.tasks))} that data.tasks lacks")
+        _check(0.0 <= self.replay_ratio < 1.0, f"data.replay_ratio must be in [0, 1), got {self.replay_ratio}")
+        _check(not (self.replay_ratio > 0 and not self.replay_file),
+               "data.replay_ratio > 0 needs data.replay_file (the examples to replay)")
         for name in ("train_file", "eval_file"):
             value = getattr(self, name)
             _check(
@@ -268,6 +288,10 @@ class _TrainConfig:
     runtime: RuntimeConfig = field(
         default_factory=RuntimeConfig, metadata=_doc("Several processes (torchrun): DDP or FSDP2, timeouts.")
     )
+    forgetting: ForgettingConfig = field(
+        default_factory=ForgettingConfig, metadata=_doc("Forgetting report: reference-set loss and KL to the base."))
+    regularize: RegularizeConfig = field(
+        default_factory=RegularizeConfig, metadata=_doc("Penalties against forgetting: EWC, L2-SP, KL to the base."))
     output_dir: str = field(
         default=f"runs/{_TIMESTAMP}",
         metadata=_doc(

@@ -63,8 +63,11 @@ class RunInfo:
 
 def regularisers(cfg: Any, objective: Objective, model: nn.Module, splits: Splits) -> list[Hook]:
     """Hooks that regularise the run whatever the method: the place EWC / L2-SP / KL-to-base will be
-    added (each reads its own config section and, e.g. for a Fisher estimate, ``splits``). None yet."""
-    return []
+    added (each reads its own config section and, e.g. for a Fisher estimate, ``splits``): see
+    :func:`deltatune.regularize.build`."""
+    from ..regularize import build
+
+    return build(cfg, objective, model, splits)
 
 
 def check_hooks(hooks: Sequence[Hook]) -> list[Hook]:

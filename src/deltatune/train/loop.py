@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -33,10 +32,11 @@ from torch import nn
 from tqdm import tqdm
 
 from ..config import to_dict
-from ..data import epoch_batches
 from ..fsutil import dumps_json
 from ..io import atomic_write_bytes
 from ..registry import apply_method, get_objective
+from ..regularize import report as hooks_report
+from . import forgetting, replay
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .distributed import create_runtime, is_main_process, shared_output_dir
@@ -111,8 +111,15 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
     rt = create_runtime(cfg, _device_setting(cfg, model, tokenizer))  # several processes under torchrun
     model, processor, splits = obj.setup(cfg, rt, model=model if passed_in else None,
                                          processor=tokenizer if passed_in else None)
+    splits = replay.mix(cfg, obj, splits)  # data.replay_file: replay rows appended to train
     _make_run_dir(cfg, out_dir, rt.is_main)  # only now that the model and the data are ready
     ckpt = latest_checkpoint(out_dir) if cfg.resume else None
+    # The forgetting probe runs single-process only for now: under FSDP2 its forwards would need every
+    # rank, and its cache and plot are written from one process.
+    probe = (forgetting.probe_for_run(cfg, obj, model, out_dir, rt.autocast) if rt.world == 1
+             else "not measured under several processes yet")
+    if not isinstance(probe, str):
+        probe.before(model)  # full/partial/head: the base's reference log-probs, cached (reused on resume)
     before: dict[str, Any] = {}
     main_dir = out_dir if rt.is_main else None  # only rank 0 writes files
     if ckpt is not None and (out_dir / "before.json").exists():
@@ -124,11 +131,12 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
 
     # A window: grad_accum micro-batches per process (train.batch_size is per process).
     ga = cfg.train.grad_accum * rt.world
-    per_epoch = max(1, math.ceil(len(splits.train) / cfg.train.batch_size) // ga)
+    per_epoch = max(1, len(replay.batch_plan(cfg, splits, 0)) // ga)
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else per_epoch * cfg.train.epochs
     info = RunInfo(total_steps=total_steps, steps_per_epoch=per_epoch, world=rt.world, processor=processor)
-    hooks = check_hooks(apply_method(model, cfg, info) + regularisers(cfg, obj, model, splits))
-    obj.after_apply(model)  # e.g. a classifier's new head trains under every method
+    hooks = apply_method(model, cfg, info)
+    obj.after_apply(model)  # e.g. a classifier's new head, one adapter per task; before the regularisers see it
+    hooks = check_hooks(hooks + regularisers(cfg, obj, model, splits))
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"method {cfg.method!r} left no trainable parameter")
@@ -170,7 +178,7 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
 
     with StopFlag() as stop, open(metrics_path, "a") as metrics:
         while prog.step < total_steps and not interrupted:
-            batches = epoch_batches(len(splits.train), cfg.train.batch_size, cfg.train.seed, prog.epoch)
+            batches = replay.batch_plan(cfg, splits, prog.epoch)  # epoch_batches, or replay-mixed
             # Whole accumulation windows only; a ragged tail of micro-batches rolls into the next epoch's order.
             usable = (len(batches) // ga) * ga or len(batches)
             while prog.micro_done < usable and prog.step < total_steps:
@@ -234,6 +242,7 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
     # A model passed in is the caller's afterwards; one built here is dropped when run() returns.
     with merged_for_inference(model, restore_exact=passed_in) if rt.can_merge else contextlib.nullcontext():
         after = obj.evaluate(model, splits, rt, stage="after", out_dir=main_dir, progress=progress)
+    fgt = forgetting.finish_run(probe, model, {"before": before, "after": after}, out_dir)
     peaks = rt.all_gather(round(rt.peak_memory_mb(), 1))
     if not rt.is_main:
         return RunResult(out_dir, {}, losses, interrupted)
@@ -248,11 +257,14 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
         "tokens_per_s": round(units_this_run / max(train_seconds, 1e-9), 1),
         "wall_seconds": round(time.perf_counter() - t_start, 2), "peak_memory_mb": peaks[0],
         "data": splits.info, "final_loss": round(losses[-1], 6) if losses else last_logged_loss(metrics_path),  # as metrics.jsonl
+        "forgetting": fgt,
     }
     if rt.world > 1:
         summary["processes"] = rt.world
         summary["strategy"] = getattr(rt, "strategy", None)
         summary["peak_memory_mb_per_rank"] = peaks
+    if hooks_report(hooks):
+        summary["regularize"] = hooks_report(hooks)
     storage = _storage_report(model)
     if storage:
         summary["storage_bytes"] = storage
