@@ -192,14 +192,21 @@ def is_classifier(model_spec: str, adapter: str | Path | None = None) -> bool:
     """Whether ``deltatune eval`` is looking at a classifier: a SEQ_CLS adapter, or a model directory
     saved as ``*ForSequenceClassification``."""
     if adapter is not None:
-        cfg = Path(adapter) / CONFIG_NAME
-        return (Path(adapter) / LABELS_NAME).is_file() or (
-            cfg.is_file() and json.loads(cfg.read_text()).get("task_type") == "SEQ_CLS")
-    config = Path(model_spec) / "config.json"
-    if not config.is_file():
-        return False
-    return any(str(a).endswith("ForSequenceClassification")
-               for a in json.loads(config.read_text()).get("architectures") or [])
+        if (Path(adapter) / LABELS_NAME).is_file():
+            return True
+        return _json_object(Path(adapter) / CONFIG_NAME).get("task_type") == "SEQ_CLS"
+    archs = _json_object(Path(model_spec) / "config.json").get("architectures")
+    return isinstance(archs, list) and any(str(a).endswith("ForSequenceClassification") for a in archs)
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``, or {} when it is missing or malformed: only a peek to pick the
+    evaluation path; the loader that follows reports a malformed file with its name and line."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def evaluate_file(model_spec: str, adapter: str | Path | None, data: str | Path, cfg: Any,
