@@ -96,6 +96,39 @@ def test_bank_logits_equal_each_adapter_alone(arch):
             assert (mixed[i] - base[i]).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("masked_max", [0, 10_000])
+def test_bank_both_mixed_paths_and_resident_reuse(monkeypatch, masked_max):
+    """A mixed batch takes the masked GEMMs over the resident adapters (few tokens per row) or the
+    per-row gathered bmm (many); both equal each adapter alone, also when the batch's adapters
+    change: a subset keeps the resident blocks (checked), a new set rebuilds them."""
+    from deltatune.methods import lora_batched
+
+    monkeypatch.setattr(lora_batched, "_MASKED_MAX", masked_max)
+    model = _with_adapters()
+    ids = torch.randint(4, 400, (4, 6), generator=torch.Generator().manual_seed(3))
+    ref = {}
+    with torch.no_grad():
+        for n in (None, "a", "b", "c"):
+            if n is None:
+                with deltatune.disable_adapters(model):
+                    out = model(ids).logits
+            else:
+                deltatune.set_active(model, n)
+                out = model(ids).logits
+            for i in range(4):
+                ref[(i, n)] = out[i]
+        bank = AdapterBank(model)
+        keys = []
+        for names in (["a", "a", None, None], ["b", "c", "a", None], ["b", None, "b", "b"], ["c", "a", "c", "b"]):
+            with bank.route(names):
+                got = model(ids).logits
+            keys.append(bank._key)
+            torch.testing.assert_close(got, torch.stack([ref[(i, n)] for i, n in enumerate(names)]),
+                                       rtol=1e-4, atol=1e-5)
+    a, b, c = (bank.slots[n] for n in "abc")
+    assert keys == [(a,), (a, b, c), (a, b, c), (a, b, c)]  # rebuilt once, then kept for subsets
+
+
 def test_mixed_adapter_batch_greedy_equals_each_alone():
     tok = build_tiny_tokenizer()
     model = _with_adapters()
