@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -49,15 +50,31 @@ async def _reply(eng: Engine, ids: list[int], n: int, on_first=None) -> tuple[st
         assert event[0] != "error", event
 
 
-def test_unload_during_a_request_finishes_it_on_the_adapter(engine):
+def test_unload_during_a_request_finishes_it_on_the_adapter(engine, monkeypatch):
     ids = engine.tokenizer("the quick brown fox")["input_ids"]
     reference = asyncio.run(_reply(engine, ids, 80))
     seen: dict[str, object] = {}
+    # On a quiet machine the engine thread could decode all 80 tokens before the client has read the
+    # first one: hold the engine's next iteration after the prefill until the adapter is unloaded, so
+    # the unload always lands while the row is decoding.
+    prefilled, unloaded = threading.Event(), threading.Event()
+    iteration = engine._iteration
+
+    def gated() -> bool:
+        if prefilled.is_set() and not unloaded.is_set():
+            unloaded.wait(30)
+        worked = iteration()
+        if engine.batch.active:
+            prefilled.set()
+        return worked
+
+    monkeypatch.setattr(engine, "_iteration", gated)
 
     def unload() -> None:
         engine.unload_adapter("x")
         seen["running"] = engine.load["running"]
         seen["listed"] = engine.has_model("x")
+        unloaded.set()
 
     got = asyncio.run(_reply(engine, ids, 80, on_first=unload))
     assert seen == {"running": 1, "listed": False}  # unloaded while the row was decoding

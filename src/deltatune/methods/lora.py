@@ -173,7 +173,9 @@ class LoraLayer(nn.Module):
     def delta(self, name: str) -> torch.Tensor:
         """s·ΔW for adapter ``name`` in the base weight's layout and dtype-free fp32."""
         a, b = self.factors(name)
-        return delta_weight(self.kind, a, b, self.adapters[name].scale * float(self.weights.get(name, 1.0)))
+        w = self.weights.get(name, 1.0)  # a mixing weight may be a trainable tensor (method 'mix'): its value
+        w = float(w.detach()) if isinstance(w, torch.Tensor) else float(w)
+        return delta_weight(self.kind, a, b, self.adapters[name].scale * w)
 
     def merge(self, names: list[str] | None = None) -> None:
         for name in names if names is not None else list(self.active):
