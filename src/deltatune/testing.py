@@ -25,7 +25,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-__all__ = ["CHATML_TEMPLATE", "TINY_SPECIAL_TOKENS", "TINY_VOCAB", "TinyCase", "build_tiny_tokenizer", "make_tiny_gpt2",
+__all__ = ["CHATML_TEMPLATE", "TINY_SPECIAL_TOKENS", "TINY_VOCAB", "TinyCase", "build_tiny_tokenizer", "save_tiny_backbone", "make_tiny_gpt2",
            "make_tiny_llama"]
 
 # SmolLM2-135M-Instruct's template, with a shorter default system prompt.
@@ -157,3 +157,23 @@ class TinyCase:
     outputs: Callable[[nn.Module], torch.Tensor]
     load_saved: Callable[[Path], nn.Module]
     notes: dict[str, Any] = field(default_factory=dict)
+
+
+def save_tiny_backbone(kind: str, d: Path, max_positions: int = 128) -> Path:
+    """A tiny random ``bert`` encoder or ``llama`` decoder with the tiny tokenizer, saved as an HF
+    directory (a classification backbone for tests). Seeded: the same call gives the same weights."""
+    from transformers import BertConfig, BertModel, LlamaConfig
+
+    tok = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    if kind == "bert":
+        BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             intermediate_size=64, max_position_embeddings=max_positions,
+                             pad_token_id=tok.pad_token_id)).save_pretrained(d)
+    else:
+        LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2,
+                                     max_position_embeddings=max_positions, pad_token_id=tok.pad_token_id,
+                                     eos_token_id=tok.eos_token_id)).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d

@@ -12,16 +12,12 @@ import pytest
 import torch
 from transformers import (
     AutoModelForSequenceClassification,
-    BertConfig,
-    BertModel,
-    LlamaConfig,
-    LlamaForCausalLM,
 )
 
 from deltatune.config import load_config
 from deltatune.data import DataError
 from deltatune.registry import METHODS
-from deltatune.testing import build_tiny_tokenizer
+from deltatune.testing import build_tiny_tokenizer, save_tiny_backbone
 from deltatune.train.config import TrainConfig
 from deltatune.train.loop import run
 
@@ -30,18 +26,7 @@ WORDS = {"sport": ["ball", "goal", "team", "match"], "food": ["bread", "soup", "
 
 
 def _tiny_dir(kind: str, d: Path) -> Path:
-    tok = build_tiny_tokenizer()
-    torch.manual_seed(0)
-    if kind == "bert":
-        BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                             intermediate_size=64, max_position_embeddings=128, pad_token_id=tok.pad_token_id)
-                  ).save_pretrained(d)
-    else:
-        LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_tiny_backbone(kind, d, max_positions=128)
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,6 @@ import torch
 from torch import nn
 from transformers import (
     AutoModelForSequenceClassification,
-    BertConfig,
-    BertModel,
-    LlamaConfig,
-    LlamaForCausalLM,
 )
 
 from deltatune.classifier import (
@@ -28,24 +24,13 @@ from deltatune.classifier import (
     train_head,
 )
 from deltatune.data.labelled import LabelMap
-from deltatune.testing import build_tiny_tokenizer
+from deltatune.testing import save_tiny_backbone
 
 LABELS = LabelMap(("negative", "neutral", "positive"))
 
 
 def _save_base(kind: str, d: Path) -> Path:
-    tok = build_tiny_tokenizer()
-    torch.manual_seed(0)
-    if kind == "bert":
-        BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                             intermediate_size=64, max_position_embeddings=64, pad_token_id=tok.pad_token_id)
-                  ).save_pretrained(d)
-    else:
-        LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_tiny_backbone(kind, d, max_positions=64)
 
 
 @pytest.fixture(scope="module", params=["bert", "llama"])
