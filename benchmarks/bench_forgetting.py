@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import time
@@ -71,7 +72,7 @@ def write_side_data(out: Path, n_old: int, n_replay: int) -> tuple[Path, Path]:
 
 
 def run_one(name: str, sets: list[str], out: Path, common: list[str]) -> dict[str, Any]:
-    run_dir = out / name.replace(" ", "_").replace("+", "_").replace("(", "").replace(")", "").replace("=", "")
+    run_dir = out / re.sub(r"[^A-Za-z0-9.-]+", "_", name.replace("λ", "lambda")).strip("_")
     cmd = [sys.executable, "-m", "deltatune.cli", "train", "--no-progress"]
     for s in [*common, *sets, f"output_dir={run_dir}"]:
         cmd += ["--set", s]
@@ -213,8 +214,8 @@ def main() -> None:
     ap.add_argument("--ref-tokens", type=int, default=4096)
     ap.add_argument("--old-task", type=int, default=64, help="old-task examples")
     ap.add_argument("--fisher", type=int, default=64, help="EWC Fisher samples")
-    ap.add_argument("--ewc-full", default="1e5", help="λ of EWC for full fine-tuning")
-    ap.add_argument("--ewc-lora", default="1e5", help="λ of EWC for LoRA (penalty on s·BA)")
+    ap.add_argument("--ewc-full", default="1e5", help="λ of EWC for full fine-tuning (comma-separated: one row each)")
+    ap.add_argument("--ewc-lora", default="1e5", help="λ of EWC for LoRA (penalty on s·BA; comma-separated: one row each)")
     ap.add_argument("--kl", default="1.0", help="λ of the KL-to-base penalty")
     ap.add_argument("--no-wise", action="store_true")
     ap.add_argument("--mixed-cost", action="store_true")
@@ -227,9 +228,17 @@ def main() -> None:
     old_task, replay = write_side_data(out, args.old_task, 200)
     common = [f"data.num_train={args.num_train}", f"data.num_eval={args.num_eval}", "eval.before=false",
               f"forgetting.max_tokens={args.ref_tokens}", f"forgetting.old_task_file={old_task}", *args.extra]
-    subs = {"ewc_full": args.ewc_full, "ewc_lora": args.ewc_lora, "kl": args.kl, "fisher": str(args.fisher),
-            "replay": str(replay)}
-    rows = [run_one(n, [s.format(**subs) for s in CONFIGS[n]], out, common) for n in names]
+    subs = {"kl": args.kl, "fisher": str(args.fisher), "replay": str(replay)}
+    rows = []
+    for n in names:
+        # A comma-separated λ list runs one row per value ("full+EWC λ=1e4", ...): EWC's strength
+        # is the knob the table is about, and one untuned value says little.
+        key = "ewc_full" if n == "full+EWC" else "ewc_lora" if n == "LoRA+EWC" else None
+        lams = getattr(args, key).split(",") if key else [""]
+        for lam in lams:
+            label = f"{n} λ={lam}" if key and len(lams) > 1 else n
+            rows.append(run_one(label, [s.format(**subs, **({key: lam} if key else {})) for s in CONFIGS[n]],
+                                out, common))
     full = next((r for r in rows if r["name"] == "full" and "error" not in r), None)
     if full is not None and not args.no_wise:
         rows += wise_rows(Path(full["dir"]), old_task, args)
@@ -237,7 +246,9 @@ def main() -> None:
     lines = table(rows)
     lines.append("")
     lines.append("ᵏ: top-256 cached base log-probs (a lower bound of the exact KL); unmarked: exact (adapters disabled).")
-    for plain, reg in (("full", "full+EWC"), ("LoRA r=16", "LoRA+EWC")):
+    ewc_rows = [(("full" if r["name"].startswith("full") else "LoRA r=16"), r["name"]) for r in rows
+                if "EWC" in r["name"]]
+    for plain, reg in ewc_rows:
         if "step_s" in by.get(plain, {}) and "step_s" in by.get(reg, {}):
             lines.append(f"{reg}: step {by[reg]['step_s']:.2f} s vs {by[plain]['step_s']:.2f} s "
                          f"({by[reg]['step_s'] / by[plain]['step_s']:.2f}×), Fisher estimate "
