@@ -166,7 +166,11 @@ def main() -> int:
     p.add_argument("--class-images", type=int, default=50)
     p.add_argument("--peer", help="path to diffusers' examples/dreambooth/train_dreambooth_lora.py (timing only)")
     p.add_argument("--peer-steps", type=int, default=60)
+    p.add_argument("--table", metavar="RESULTS_JSON", help="only print the tables of an earlier run's results.json")
     args = p.parse_args()
+    if args.table:
+        print_table(json.loads(Path(args.table).read_text()))
+        return 0
     torch.set_num_threads(1)
     pipe, out, work = Path(args.pipeline), Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
@@ -268,12 +272,32 @@ def peer_timing(script: Path, pipe: Path, inst: Path, cls: Path, work: Path, ste
     return {"steps": steps, "diffusers_s_per_step": peer_s, "diffusers_peak_rss_mb": round(rss, 1), "deltatune": ours}
 
 
+def aggregate(rows: list[dict]) -> dict[tuple[str, float | None], dict[str, list[float]]]:
+    """(method, λ) → metric → its values over the seeds, in the rows' order."""
+    out: dict[tuple[str, float | None], dict[str, list[float]]] = {}
+    for r in rows:
+        g = out.setdefault((r["method"], r["lambda"]), {})
+        for k, v in r.items():
+            if k in ("fidelity", "class_acc", "prior_sim", "drift", "div"):
+                g.setdefault(k, []).append(float(v))
+    return out
+
+
 def print_table(result: dict) -> None:
     print("\n| method | λ | seed | fidelity ↑ | class acc ↑ | prior sim ↑ | drift ↓ | diversity ↑ |\n|---|---|---|---|---|---|---|---|")
     for r in result["rows"]:
         lam = "—" if r["lambda"] is None else f"{r['lambda']:g}"
         print(f"| {r['method']} | {lam} | {r['seed'] if r['seed'] is not None else '—'} | {r['fidelity']:.3f} | "
               f"{r['class_acc']:.2f} | {r.get('prior_sim', float('nan')):.3f} | {r['drift']:.3f} | {r['div']:.3f} |")
+    seeds = {r["seed"] for r in result["rows"] if r["seed"] is not None}
+    if len(seeds) > 1:
+        keys = ("fidelity", "class_acc", "prior_sim", "drift", "div")
+        print(f"\nmean ± sample sd over {len(seeds)} training seeds (the base: one row, no training)\n"
+              "| method | λ | fidelity ↑ | class acc ↑ | prior sim ↑ | drift ↓ | diversity ↑ |\n|---|---|---|---|---|---|---|")
+        for (method, lam), group in aggregate(result["rows"]).items():
+            cells = [f"{np.mean(group[k]):.3f} ± {np.std(group[k], ddof=1) if len(group[k]) > 1 else 0:.3f}"
+                     for k in keys]
+            print(f"| {method} | {'—' if lam is None else f'{lam:g}'} | " + " | ".join(cells) + " |")
     if "peer" in result:
         pr = result["peer"]
         print(f"\nstep time ({pr['steps']} steps, batch 2 pairs, rank 8, fp32, 1 thread): diffusers "
