@@ -89,7 +89,8 @@ def main(spec_path: str) -> None:
         results[case["name"]] = {"losses": res.losses, "interrupted": res.interrupted,
                                  "after": res.summary.get("after"),
                                  "summary": {k: res.summary.get(k) for k in ("strategy", "processes",
-                                                                            "peak_memory_mb_per_rank")}}
+                                                                            "peak_memory_mb_per_rank",
+                                                                            "forgetting")}}
         if case.get("check_slices") and model is not None:
             from deltatune.train.checkpoint import latest_checkpoint
 

@@ -129,6 +129,7 @@ def launched(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
                   progress=False)
         one[name] = res.losses
         one[name + "/after"] = res.summary["after"]
+        one[name + "/forgetting"] = res.summary["forgetting"]
     # resume 1 → 2: the first two steps on one process (strategy fsdp2 is read only by the second part)
     r12 = _common(model_dir, data, tmp / "r12", 1) + ["method=lora", "runtime.strategy=fsdp2"]
     run(load_config(TrainConfig, None, r12), progress=False, stop_after_steps=2)
@@ -172,6 +173,12 @@ def test_two_processes_give_one_process_losses_and_files(launched: dict[str, Any
     after1, after2 = launched["one"][name + "/after"], launched["two"][name]["after"]
     assert after2["eval_loss"] == pytest.approx(after1["eval_loss"], rel=1e-5)
     assert after2["exact_match"] == after1["exact_match"] and "exact_match" in after2
+    # the forgetting report: measured on every rank (FSDP2's forwards are collective), rank 0's the same
+    f1, f2 = launched["one"][name + "/forgetting"], launched["two"][name]["summary"]["forgetting"]
+    assert "skipped" not in f1 and "skipped" not in f2, (f1, f2)
+    for key in ("loss_before", "loss_after", "kl_base_to_adapted_mean", "kl_base_to_adapted_max"):
+        assert f2[key] == pytest.approx(f1[key], rel=1e-4, abs=1e-7), key
+    assert f1["kl_base_to_adapted_mean"] > 0  # the run moved the model: the equality is not 0 = 0
     # auto: DDP for adapters on a replicated base, FSDP2 when base weights train
     assert launched["two"][name]["summary"]["strategy"] == ("fsdp2" if name in TRAINS_BASE else "ddp")
 

@@ -280,8 +280,11 @@ class Forgetting:
 
     def __init__(self, cfg: ForgettingConfig, tokenizer: PreTrainedTokenizerBase, *, adapters: bool,
                  out_dir: Path | None, autocast: Autocast = contextlib.nullcontext,
-                 adapters_per_task: Sequence[str] = ()) -> None:
+                 adapters_per_task: Sequence[str] = (), writes: bool = True) -> None:
+        """writes: this process writes the base cache (False on every rank but 0 under torchrun:
+        they read it when it exists, else compute the same cache from the same base weights)."""
         self.cfg = cfg
+        self.writes = writes
         self.per_task = list(adapters_per_task)  # multi-task run: measure each task's adapter alone
         self.adapters = adapters
         self.out_dir = out_dir
@@ -308,8 +311,8 @@ class Forgetting:
             cache = BaseCache.load(path, rows_fingerprint(rows)) if path is not None else None
             if cache is None:
                 cache = cache_base(model, rows, self.pad, self.cfg.top_k, self.cfg.batch_size, self.autocast)
-                if path is not None:
-                    cache.save(path)
+                if path is not None and self.writes:
+                    cache.save(path)  # atomic: another rank reading it sees all of it or nothing
             self.caches[which] = cache
         self.seconds += time.perf_counter() - t0
 
@@ -398,11 +401,15 @@ def plot_learning_vs_forgetting(points: Sequence[dict[str, Any]], path: Path, *,
 
 
 # ------------------------------------------------------------------------------------------ in run()
-def probe_for_run(cfg: Any, objective: Any, model: nn.Module, out_dir: Path, autocast: Autocast) -> Forgetting | str:
+def probe_for_run(cfg: Any, objective: Any, model: nn.Module, out_dir: Path, autocast: Autocast,
+                  writes: bool = True) -> Forgetting | str:
     """The run's probe, or the reason there is none (recorded in summary.json as ``skipped``).
 
     Needs a language model (logits over a vocabulary) and a tokenizer; the built-in reference text
-    missing is a warning, a missing ``forgetting.reference_file`` an error."""
+    missing is a warning, a missing ``forgetting.reference_file`` an error. Under torchrun every rank
+    holds a probe (``writes`` on rank 0 only): the base cache is computed before the model is
+    wrapped, each rank on its own whole copy, and the final measurement runs the same forwards on
+    every rank, which FSDP2's collectives need."""
     fcfg: ForgettingConfig | None = getattr(cfg, "forgetting", None)
     if fcfg is None or not fcfg.enabled:
         return "forgetting.enabled is false"
@@ -414,7 +421,7 @@ def probe_for_run(cfg: Any, objective: Any, model: nn.Module, out_dir: Path, aut
 
     try:
         return Forgetting(fcfg, tok, adapters=adapter_method(cfg), out_dir=out_dir, autocast=autocast,
-                          adapters_per_task=list(getattr(objective, "tasks", ())))
+                          adapters_per_task=list(getattr(objective, "tasks", ())), writes=writes)
     except FileNotFoundError as e:
         if fcfg.reference_file:
             raise
@@ -425,12 +432,13 @@ def probe_for_run(cfg: Any, objective: Any, model: nn.Module, out_dir: Path, aut
 
 
 def finish_run(probe: Forgetting | str, model: nn.Module, summary: dict[str, Any], out_dir: Path) -> dict[str, Any]:
-    """summary.json's ``forgetting`` section, and ``forgetting.png``: target loss vs reference loss."""
+    """summary.json's ``forgetting`` section, and ``forgetting.png`` (by the writing rank): target
+    loss vs reference loss."""
     if isinstance(probe, str):
         return {"skipped": probe}
     report = probe.after(model)
     before, after = summary.get("before", {}), summary.get("after", {})
-    if "eval_loss" in before and "eval_loss" in after:
+    if probe.writes and "eval_loss" in before and "eval_loss" in after:
         plot_learning_vs_forgetting(
             [{"label": "before", "x": before["eval_loss"], "y": 0.0},
              {"label": "after", "x": after["eval_loss"], "y": report["loss_increase"]}],

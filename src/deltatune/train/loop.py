@@ -114,10 +114,8 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
     splits = replay.mix(cfg, obj, splits)  # data.replay_file: replay rows appended to train
     _make_run_dir(cfg, out_dir, rt.is_main)  # only now that the model and the data are ready
     ckpt = latest_checkpoint(out_dir) if cfg.resume else None
-    # The forgetting probe runs single-process only for now: under FSDP2 its forwards would need every
-    # rank, and its cache and plot are written from one process.
-    probe = (forgetting.probe_for_run(cfg, obj, model, out_dir, rt.autocast) if rt.world == 1
-             else "not measured under several processes yet")
+    # Every rank holds a probe (its final forwards are collective under FSDP2); rank 0 writes.
+    probe = forgetting.probe_for_run(cfg, obj, model, out_dir, rt.autocast, writes=rt.is_main)
     if not isinstance(probe, str):
         probe.before(model)  # full/partial/head: the base's reference log-probs, cached (reused on resume)
     before: dict[str, Any] = {}
