@@ -43,7 +43,8 @@ def _losses(d: Path) -> list[float]:
     ("full", ["regularize.ewc.weight=50", "regularize.ewc.samples=3", "regularize.ewc.estimator=sampled",
               "regularize.kl.weight=1"]),
 ])
-def test_regularised_run_reports_and_resume_equals_uninterrupted(model_dir, tmp_path, ref, method, extra):
+def test_regularised_run_reports_and_resume_equals_uninterrupted(model_dir, tmp_path, ref, method, extra,
+                                                                monkeypatch):
     common = [f"method={method}", "train.lr=1e-3" if method == "full" else "train.lr=5e-3", *extra]
     full = run(_cfg(model_dir, tmp_path / "a", ref, *common), progress=False)
     s = full.summary
@@ -57,8 +58,29 @@ def test_regularised_run_reports_and_resume_equals_uninterrupted(model_dir, tmp_
     assert (tmp_path / "a" / "forgetting.png").is_file()
     part = tmp_path / "b"
     assert run(_cfg(model_dir, part, ref, *common), progress=False, stop_after_steps=1).interrupted
-    run(_cfg(model_dir, part, ref, *common, "resume=true"), progress=False)
+    first_fisher = json.loads((part / "checkpoints" / "step-000001" / "state.json").read_text())
+    import deltatune.regularize.ewc as ewc_mod
+
+    def no_estimate(*a, **k):  # the checkpoint holds F and θ*: a resumed run must not estimate again
+        raise AssertionError("Fisher re-estimated on resume")
+
+    monkeypatch.setattr(ewc_mod, "fisher_diagonal", no_estimate)
+    resumed = run(_cfg(model_dir, part, ref, *common, "resume=true"), progress=False).summary
     assert _losses(part) == _losses(tmp_path / "a")
+    if "ewc" in s["regularize"]:
+        assert resumed["regularize"]["ewc"]["fisher_seconds"] == first_fisher["hooks"]["ewc"]["fisher_seconds"]
+
+
+def test_resuming_from_a_checkpoint_that_lost_its_ewc_state_is_refused(model_dir, tmp_path, ref):
+    """(A changed config is refused earlier, by the run directory.) F = 0 would switch EWC off silently."""
+    part, ewc = tmp_path / "r", ["regularize.ewc.weight=50", "regularize.ewc.samples=2"]
+    assert run(_cfg(model_dir, part, ref, *ewc), progress=False, stop_after_steps=1).interrupted
+    state = part / "checkpoints" / "step-000001" / "state.json"
+    doc = json.loads(state.read_text())
+    del doc["hooks"]["ewc"]
+    state.write_text(json.dumps(doc))
+    with pytest.raises(RuntimeError, match="without EWC state"):
+        run(_cfg(model_dir, part, ref, *ewc, "resume=true"), progress=False)
 
 
 def test_ewc_pulls_towards_the_start(model_dir, tmp_path, ref):

@@ -68,8 +68,10 @@ def _fisher_rows(cfg: Any, objective: Any, splits: Any) -> list[Any]:
     return _spread(rows, cfg.regularize.ewc.samples)
 
 
-def build(cfg: Any, objective: Any, model: nn.Module, splits: Any, *, progress: bool = False) -> list[Any]:
-    """The regularisation hooks ``cfg.regularize`` asks for (none when every weight is 0)."""
+def build(cfg: Any, objective: Any, model: nn.Module, splits: Any, *, progress: bool = False,
+          resuming: bool = False) -> list[Any]:
+    """The regularisation hooks ``cfg.regularize`` asks for (none when every weight is 0).
+    ``resuming``: the run continues from a checkpoint, which holds EWC's Fisher and θ*."""
     reg: RegularizeConfig | None = getattr(cfg, "regularize", None)
     if reg is None:
         return []
@@ -80,7 +82,7 @@ def build(cfg: Any, objective: Any, model: nn.Module, splits: Any, *, progress: 
     if reg.ewc.weight > 0:
         from .ewc import EwcHook
 
-        rows = [] if reg.ewc.fisher_file else _fisher_rows(cfg, objective, splits)
+        rows = [] if reg.ewc.fisher_file or resuming else _fisher_rows(cfg, objective, splits)
         n_target = (splits.info.get("replay") or {}).get("target_rows", len(splits.train))  # replay rows last
         train_rows = _spread(list(splits.train)[:n_target], reg.ewc.samples)
 
@@ -90,7 +92,8 @@ def build(cfg: Any, objective: Any, model: nn.Module, splits: Any, *, progress: 
         hooks.append(EwcHook.create(
             reg.ewc, sites(model, "regularize.ewc"), batches, loss_fn, model, seed=cfg.train.seed,
             samples_total=len(rows), total_steps=_total_steps(cfg, splits),
-            online_batches=lambda: (objective.collate([r]) for r in train_rows), progress=progress))
+            online_batches=lambda: (objective.collate([r]) for r in train_rows), progress=progress,
+            resuming=resuming))
     if reg.l2sp.weight > 0:
         from .l2sp import L2spHook
 

@@ -166,14 +166,19 @@ class EwcHook:
         self.online = online  # estimates F_new on this run's task at the final weights
         self.next: dict[str, dict[str, torch.Tensor]] = {}
         self.fisher_seconds = seconds
+        self.awaiting_checkpoint = False  # resuming: F and θ* come from the checkpoint (load_state_dict)
 
     @classmethod
     def create(cls, cfg: EwcConfig, site_list: list[Site], batches: Callable[[], Iterable[Batch]], loss_fn: LossFn,
                model: nn.Module, *, seed: int = 0, samples_total: int | None = None, total_steps: int = 0,
-               online_batches: Callable[[], Iterable[Batch]] | None = None, progress: bool = False) -> EwcHook:
-        """Estimate the Fisher (or read ``cfg.fisher_file``) and build the hook."""
+               online_batches: Callable[[], Iterable[Batch]] | None = None, progress: bool = False,
+               resuming: bool = False) -> EwcHook:
+        """Estimate the Fisher (or read ``cfg.fisher_file``) and build the hook. ``resuming``: a
+        checkpoint will supply F and θ* (:meth:`load_state_dict`), so nothing is estimated or read."""
         t0 = time.perf_counter()
-        if cfg.fisher_file:
+        if resuming:
+            fisher = {s.name: torch.zeros_like(s.param, dtype=torch.float32) for s in site_list}
+        elif cfg.fisher_file:
             fisher, stars = load_fisher(cfg.fisher_file)
             _check(site_list, fisher, cfg.fisher_file)
             for s in site_list:  # the previous task's θ* when the file has one
@@ -187,10 +192,15 @@ class EwcHook:
             def online() -> dict[str, torch.Tensor]:
                 return fisher_diagonal(model, site_list, online_batches(), loss_fn, estimator=cfg.estimator,
                                        seed=seed + 1, progress=progress, total=cfg.samples)
-        return cls(cfg, site_list, fisher, total_steps=total_steps, online=online, seconds=time.perf_counter() - t0)
+        hook = cls(cfg, site_list, fisher, total_steps=total_steps, online=online, seconds=time.perf_counter() - t0)
+        hook.awaiting_checkpoint = resuming
+        return hook
 
     def penalty(self) -> torch.Tensor:
         """λ/2·Σ F (θ − θ*)², an fp32 scalar with gradients to what trains."""
+        if self.awaiting_checkpoint:  # zeros in F would switch EWC off silently
+            raise RuntimeError("regularize.ewc: resumed from a checkpoint without EWC state (the run that wrote "
+                               "it had regularize.ewc.weight = 0?); resume with the same config")
         return 0.5 * self.cfg.weight * quadratic(self.sites, self.fisher)
 
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
@@ -218,6 +228,9 @@ class EwcHook:
         for s in self.sites:
             if s.star is not None:
                 s.star.copy_(t[f"star.{s.name}"])
+        # The estimate the checkpoint's run made (this run did not repeat it).
+        self.fisher_seconds = float(state.get("fisher_seconds", self.fisher_seconds))
+        self.awaiting_checkpoint = False
 
     def report(self) -> dict[str, Any]:
         return {"weight": self.cfg.weight, "estimator": self.cfg.estimator,

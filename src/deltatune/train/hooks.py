@@ -57,17 +57,18 @@ class RunInfo:
 
     total_steps: int  # optimizer steps of the whole run (train.max_steps, or derived from epochs)
     steps_per_epoch: int
-    world: int = 1  # processes sharing one global batch (torchrun); 1 today
+    world: int = 1  # processes sharing one global batch (torchrun)
     processor: Any = None  # the tokenizer / processor the objective built (prompt init from text)
 
 
-def regularisers(cfg: Any, objective: Objective, model: nn.Module, splits: Splits) -> list[Hook]:
-    """Hooks that regularise the run whatever the method: the place EWC / L2-SP / KL-to-base will be
-    added (each reads its own config section and, e.g. for a Fisher estimate, ``splits``): see
-    :func:`deltatune.regularize.build`."""
+def regularisers(cfg: Any, objective: Objective, model: nn.Module, splits: Splits, *,
+                 resuming: bool = False) -> list[Hook]:
+    """Hooks that regularise the run whatever the method: EWC, L2-SP and KL-to-base, each reading its
+    own config section (and, for the Fisher estimate, ``splits``; not when ``resuming``, since the
+    checkpoint holds it): see :func:`deltatune.regularize.build`."""
     from ..regularize import build
 
-    return build(cfg, objective, model, splits)
+    return build(cfg, objective, model, splits, resuming=resuming)
 
 
 def check_hooks(hooks: Sequence[Hook]) -> list[Hook]:

@@ -134,7 +134,7 @@ def _run(cfg: TrainConfig, out_dir: Path, model: nn.Module | None, tokenizer: An
     info = RunInfo(total_steps=total_steps, steps_per_epoch=per_epoch, world=rt.world, processor=processor)
     hooks = apply_method(model, cfg, info)
     obj.after_apply(model)  # e.g. a classifier's new head, one adapter per task; before the regularisers see it
-    hooks = check_hooks(hooks + regularisers(cfg, obj, model, splits))
+    hooks = check_hooks(hooks + regularisers(cfg, obj, model, splits, resuming=ckpt is not None))
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"method {cfg.method!r} left no trainable parameter")
