@@ -71,17 +71,21 @@ def write_side_data(out: Path, n_old: int, n_replay: int) -> tuple[Path, Path]:
     return out / "old_task.jsonl", out / "replay.jsonl"
 
 
-def run_one(name: str, sets: list[str], out: Path, common: list[str]) -> dict[str, Any]:
+def run_one(name: str, sets: list[str], out: Path, common: list[str], reuse: bool = False) -> dict[str, Any]:
     run_dir = out / re.sub(r"[^A-Za-z0-9.-]+", "_", name.replace("λ", "lambda")).strip("_")
     cmd = [sys.executable, "-m", "deltatune.cli", "train", "--no-progress"]
     for s in [*common, *sets, f"output_dir={run_dir}"]:
         cmd += ["--set", s]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        print(f"[{name}] failed: {' | '.join(tail)}", file=sys.stderr)
-        return {"name": name, "error": tail[-1] if tail else "failed"}
+    if reuse and _same_run(run_dir, cmd):
+        print(f"[{name}] reusing {run_dir}", file=sys.stderr)
+    else:
+        proc = subprocess.run(cmd + (["--overwrite"] if run_dir.exists() else []), capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            print(f"[{name}] failed: {' | '.join(tail)}", file=sys.stderr)
+            return {"name": name, "error": tail[-1] if tail else "failed"}
+        (run_dir / "bench_command.json").write_text(json.dumps(cmd[1:]))
     s = json.loads((run_dir / "summary.json").read_text())
     f = s["forgetting"]
     row = {"name": name, "dir": str(run_dir), "target_em": s["after"].get("exact_match"),
@@ -94,6 +98,13 @@ def run_one(name: str, sets: list[str], out: Path, common: list[str]) -> dict[st
         row["fisher_s"] = s["regularize"]["ewc"]["fisher_seconds"]
     print(f"[{name}] {json.dumps({k: v for k, v in row.items() if k != 'dir'})}", file=sys.stderr)
     return row
+
+
+def _same_run(run_dir: Path, cmd: list[str]) -> bool:
+    """``--reuse``: the directory holds a finished run of exactly this command."""
+    done = run_dir / "summary.json"
+    rec = run_dir / "bench_command.json"
+    return done.is_file() and (not rec.is_file() or json.loads(rec.read_text()) == cmd[1:])
 
 
 def wise_rows(full_dir: Path, old_task: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -220,6 +231,7 @@ def main() -> None:
     ap.add_argument("--no-wise", action="store_true")
     ap.add_argument("--mixed-cost", action="store_true")
     ap.add_argument("--set", dest="extra", action="append", default=[], help="extra override for every run")
+    ap.add_argument("--reuse", action="store_true", help="keep the finished runs already in --out (same command)")
     args = ap.parse_args()
     if args.quick:
         args.num_train, args.num_eval, args.ref_tokens, args.old_task, args.fisher = 64, 16, 1024, 24, 16
@@ -238,7 +250,7 @@ def main() -> None:
         for lam in lams:
             label = f"{n} λ={lam}" if key and len(lams) > 1 else n
             rows.append(run_one(label, [s.format(**subs, **({key: lam} if key else {})) for s in CONFIGS[n]],
-                                out, common))
+                                out, common, args.reuse))
     full = next((r for r in rows if r["name"] == "full" and "error" not in r), None)
     if full is not None and not args.no_wise:
         rows += wise_rows(Path(full["dir"]), old_task, args)
