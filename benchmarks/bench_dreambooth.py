@@ -294,7 +294,10 @@ def print_table(result: dict) -> None:
         keys = ("fidelity", "class_acc", "prior_sim", "drift", "div")
         print(f"\nmean ± sample sd over {len(seeds)} training seeds (the base: one row, no training)\n"
               "| method | λ | fidelity ↑ | class acc ↑ | prior sim ↑ | drift ↓ | diversity ↑ |\n|---|---|---|---|---|---|---|")
-        for (method, lam), group in aggregate(result["rows"]).items():
+        order = {"base": 0, "lora": 1, "full": 2}
+        groups = sorted(aggregate(result["rows"]).items(),
+                        key=lambda kv: (order.get(kv[0][0], 3), kv[0][0], -1.0 if kv[0][1] is None else kv[0][1]))
+        for (method, lam), group in groups:
             cells = [f"{np.mean(group[k]):.3f} ± {np.std(group[k], ddof=1) if len(group[k]) > 1 else 0:.3f}"
                      for k in keys]
             print(f"| {method} | {'—' if lam is None else f'{lam:g}'} | " + " | ".join(cells) + " |")
