@@ -38,6 +38,7 @@ from typing import Any
 # name → overrides. Full fine-tuning at lr 1e-4 (5× the README's 2e-5) so that it forgets visibly.
 CONFIGS: dict[str, list[str]] = {
     "full": ["method=full", "train.lr=1e-4"],
+    "full lr=5e-4": ["method=full", "train.lr=5e-4"],  # 5× more: what a too-large step forgets
     "full+EWC": ["method=full", "train.lr=1e-4", "regularize.ewc.weight={ewc_full}", "regularize.ewc.samples={fisher}"],
     "full+replay": ["method=full", "train.lr=1e-4", "data.replay_file={replay}", "data.replay_ratio=0.25"],
     "partial (top 4)": ["method=partial", "partial.top_n_layers=4", "train.lr=1e-4"],
