@@ -292,3 +292,26 @@ def test_sigterm_checkpoints_once_on_every_rank_and_exits(model_dir: Path, tmp_p
     assert 3 <= step < 100000
     assert len((out / "metrics.jsonl").read_text().splitlines()) == step  # rank 0 logged every step it took
     assert "finishing the current step" in text
+
+
+def test_cpu_mmap_threshold_is_validated_and_left_alone_when_off_or_set_by_the_user(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from deltatune.train.distributed import RuntimeConfig, _fix_mmap_threshold
+
+    with pytest.raises(ValueError, match="cpu_mmap_threshold_kb"):
+        RuntimeConfig(cpu_mmap_threshold_kb=-1)
+    assert not _fix_mmap_threshold(0)  # 0 = glibc's own policy
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    assert not _fix_mmap_threshold(1 << 20)  # the environment's choice wins
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_cpu_mmap_threshold_is_set_on_glibc() -> None:
+    # in a fresh process: the policy is process-wide and would otherwise stay set for this test session
+    code = "from deltatune.train.distributed import _fix_mmap_threshold as f; print(f(1 << 20))"
+    env = {k: v for k, v in _env().items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    import platform
+
+    assert out.stdout.strip() == str(platform.libc_ver()[0] == "glibc")

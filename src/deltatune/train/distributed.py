@@ -85,7 +85,21 @@ class RuntimeConfig:
                       "them replicated (no all-gather of the base in every forward)."),
     )
 
+    cpu_mmap_threshold_kb: int = field(
+        default=1024,
+        metadata=_doc("fsdp2 on CPU (gloo): heap blocks of at least this many KiB get their own mmap and go "
+                      "back to the OS when freed. glibc's default raises this threshold to the largest "
+                      "block freed so far (up to 32 MiB); FSDP2's per-block all-gather and reduce-scatter "
+                      "buffers then come from the heap, interleaved with the activations saved for "
+                      "backward, and the fragmented heap keeps ~1 GiB more resident per rank on the "
+                      "default model than is live. Lower: less memory, more time in page faults; 0 keeps "
+                      "glibc's own policy (as does a MALLOC_MMAP_THRESHOLD_ set in the environment)."),
+    )
+
     def __post_init__(self) -> None:
+        if self.cpu_mmap_threshold_kb < 0:
+            raise ValueError(f"runtime.cpu_mmap_threshold_kb must be >= 0 (0 = glibc's default), "
+                             f"got {self.cpu_mmap_threshold_kb}")
         if self.strategy not in ("auto", "ddp", "fsdp2"):
             raise ValueError(f"runtime.strategy must be 'auto', 'ddp' or 'fsdp2', got {self.strategy!r}")
         if self.timeout_s < 1:
@@ -237,6 +251,9 @@ class DistributedRuntime(Runtime):
                 p.register_post_accumulate_grad_hook(self._mean_grad)
             log.info("fsdp2: the base is sharded; the adapter stays whole on every rank (the method's hooks read it)")
         kw: dict[str, Any] = {"ignored_params": ignored} if ignored else {}
+        if self.device.type == "cpu":
+            # before the shards are allocated, so that they and every later buffer follow the fixed policy
+            _fix_mmap_threshold(self.rcfg.cpu_mmap_threshold_kb * 1024)
         _, blocks = block_list(model)
         for block in blocks:  # one all-gather per block in forward; only one block unsharded at a time
             fully_shard(block, **kw)
@@ -349,6 +366,30 @@ def _fsdp_sync(model: Any, last: bool) -> Iterator[None]:
         yield
     finally:
         model.set_requires_gradient_sync(True)
+
+
+# mallopt(3) parameter numbers (glibc's malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def _fix_mmap_threshold(nbytes: int) -> bool:
+    """Make glibc serve blocks of ``nbytes`` or more with their own mmap, returned to the OS on free,
+    and stop it from raising that threshold (see ``RuntimeConfig.cpu_mmap_threshold_kb``). Measured on
+    the default model, full fine-tuning, 2 ranks: at glibc's dynamic threshold each rank's heap held
+    1.3-2.3 GiB free beside 0.95 GiB live at a step boundary, and its peak RSS equalled one unsharded
+    process's. True when the policy was set (glibc only; elsewhere nothing changes)."""
+    if nbytes <= 0 or "MALLOC_MMAP_THRESHOLD_" in os.environ:  # 0, or the user chose in the environment
+        return False
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, musl without mallopt): its allocator, its policy
+        return False
+    # Trim the heap's top above twice the threshold: the ratio glibc's own dynamic policy keeps. The
+    # trim threshold may already have been raised while the model loaded, so it is set explicitly.
+    return bool(mallopt(_M_MMAP_THRESHOLD, nbytes)) and bool(mallopt(_M_TRIM_THRESHOLD, 2 * nbytes))
 
 
 def _release_freed_memory() -> None:
