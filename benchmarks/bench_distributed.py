@@ -56,7 +56,7 @@ def worker(method: str, strategy: str, steps: int, batch: int, seq: int, shard_4
 
     from deltatune.config import load_config
     from deltatune.objectives.causal_lm import model_loss_sum
-    from deltatune.registry import get_method
+    from deltatune.registry import apply_method
     from deltatune.train.config import TrainConfig
     from deltatune.train.distributed import create_runtime
     from deltatune.train.hooks import RunInfo
@@ -70,10 +70,14 @@ def worker(method: str, strategy: str, steps: int, batch: int, seq: int, shard_4
     from deltatune.models import load_model
 
     model, _ = load_model("default", dtype="fp32", device="cpu")
-    get_method(method).apply(model, cfg, RunInfo(total_steps=steps + 1, steps_per_epoch=steps + 1, world=rt.world))
+    # as the train loop: apply_method quantizes the base first (qlora = lora + model.quantize nf4);
+    # the method's own apply alone would leave it fp32
+    hooks = apply_method(model, cfg, RunInfo(total_steps=steps + 1, steps_per_epoch=steps + 1, world=rt.world))
+    if method == "qlora" and not any(p.dtype == torch.uint8 for p in model.parameters()):
+        raise SystemExit("qlora: the base was not quantized to 4 bits")
     params = [p for p in model.parameters() if p.requires_grad]
     upcast = rt.fp32_masters(params)
-    net = rt.wrap(model)
+    net = rt.wrap(model, hooks)
     params, upcast = rt.rebind(model, params, upcast)
     optimizer = make_optimizer(cfg, model)
     g = torch.Generator().manual_seed(rt.rank)
