@@ -273,14 +273,19 @@ def main() -> None:
     print("\n".join(lines))
     (out / "table.md").write_text("\n".join(lines) + "\n")
     (out / "rows.json").write_text(json.dumps(rows, indent=2))
+    plot(rows, out / "forgetting.png")
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Target exact match vs reference KL (log scale: the runs' KL spans three decades)."""
     from deltatune.train.forgetting import plot_learning_vs_forgetting
 
     pts = [{"label": r["name"], "x": r["target_em"], "y": r["kl_mean"]} for r in rows
-           if "error" not in r and r.get("target_em") is not None and r.get("kl_mean") is not None]
+           if "error" not in r and r.get("target_em") is not None and r.get("kl_mean")]
     if pts:
-        plot_learning_vs_forgetting(pts, out / "forgetting.png", x_label="target exact match (learning)",
-                                    y_label="KL(p_base || p_adapted) on the reference set, nats (forgetting)")
-        print(f"scatter: {out / 'forgetting.png'}")
+        plot_learning_vs_forgetting(pts, path, x_label="target exact match (learning)",
+                                    y_label="mean KL(base || adapted), nats (forgetting)", log_y=True)
+        print(f"scatter: {path}")
 
 
 if __name__ == "__main__":

@@ -375,8 +375,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
 
 
 def plot_learning_vs_forgetting(points: Sequence[dict[str, Any]], path: Path, *, x_label: str = "target score",
-                                y_label: str = "reference loss increase (nats)") -> Path:
-    """Scatter of learning (x) vs forgetting (y), one labelled point per run: ``{"label", "x", "y"}``."""
+                                y_label: str = "reference loss increase (nats)", log_y: bool = False) -> Path:
+    """Scatter of learning (x) vs forgetting (y), one labelled point per run: ``{"label", "x", "y"}``.
+    ``log_y``: a logarithmic y axis (every y > 0), for runs whose forgetting spans decades."""
     import io as _io
 
     import matplotlib
@@ -385,9 +386,15 @@ def plot_learning_vs_forgetting(points: Sequence[dict[str, Any]], path: Path, *,
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    xs = [float(p["x"]) for p in points]
+    right = min(xs) + 0.75 * (max(xs) - min(xs)) if len(xs) > 1 else float("inf")
     for p in points:
         ax.scatter([p["x"]], [p["y"]], s=36)
-        ax.annotate(str(p["label"]), (p["x"], p["y"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        left = float(p["x"]) > right  # labels of the rightmost points go left of them, inside the axes
+        ax.annotate(str(p["label"]), (p["x"], p["y"]), textcoords="offset points", xytext=(-4 if left else 4, 4),
+                    ha="right" if left else "left", fontsize=8)
+    if log_y:
+        ax.set_yscale("log")
     ax.set_xlabel(x_label)
     ax.set_ylabel(y_label)
     ax.set_title("learning vs forgetting")
