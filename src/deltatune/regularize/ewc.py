@@ -34,7 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .config import EwcConfig
-from .sites import Site, at_least_fp32, quadratic
+from .sites import Site, at_least_fp32, quadratic, whole
 
 __all__ = ["EwcHook", "fisher_diagonal", "sample_labels", "save_fisher", "load_fisher"]
 
@@ -93,7 +93,7 @@ def fisher_diagonal(model: nn.Module, site_list: Sequence[Site], batches: Iterab
         model.train(was)
     if n == 0:
         raise ValueError("regularize.ewc: no example to estimate the Fisher from")
-    return {s.name: a / n for s, a in zip(site_list, acc)}
+    return {s.name: whole(a / n) for s, a in zip(site_list, acc)}  # whole: online EWC under FSDP2
 
 
 def save_fisher(path: str | Path, fisher: dict[str, torch.Tensor], stars: dict[str, torch.Tensor],
@@ -211,7 +211,8 @@ class EwcHook:
             new = self.online()
             self.next = {
                 "next_fisher": {k: self.cfg.decay * self.fisher[k] + new[k] for k in self.fisher},
-                "next_star": {s.name: at_least_fp32(s.param.detach()).clone() for s in self.sites if s.star is not None},
+                "next_star": {s.name: at_least_fp32(whole(s.param.detach())).clone()
+                              for s in self.sites if s.star is not None},
             }
 
     def state_dict(self) -> dict[str, Any]:

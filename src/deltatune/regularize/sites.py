@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..methods.lora import LoraLayer
 
-__all__ = ["Site", "sites", "lora_delta", "quadratic", "at_least_fp32"]
+__all__ = ["Site", "sites", "lora_delta", "quadratic", "at_least_fp32", "whole"]
 
 
 def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -38,10 +38,33 @@ def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
 @dataclass
 class Site:
     name: str  # a parameter name of the model (W₀'s name for a LoRA layer)
-    param: torch.Tensor  # the tensor whose shape the weights (Fisher) have, and whose grad estimates it
+    initial: torch.Tensor  # ``param`` when the sites were built (whole, before any wrapping)
     star: torch.Tensor | None  # θ* for a trained parameter; None for a LoRA base (θ* = W₀ itself)
     change: Callable[[], torch.Tensor]  # θ − θ* or ΔW, differentiable, fp32, shaped like ``param``
     lora: tuple[LoraLayer, str] | None = None  # a LoRA site with one active adapter: the fast path
+    owner: nn.Module | None = None  # the module holding a trained parameter as ``attr``
+    attr: str = ""
+
+    @property
+    def param(self) -> torch.Tensor:
+        """The tensor whose shape the weights (Fisher) have, and whose grad estimates it. Read from its
+        module each time: FSDP2 replaces a module's parameters by sharded DTensors when it wraps the
+        model, and a penalty on the tensor captured before would see weights that never change."""
+        return self.initial if self.owner is None else getattr(self.owner, self.attr)
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or the whole tensor of a sharded DTensor (a collective: every rank calls it)."""
+    full = getattr(t, "full_tensor", None)
+    return full() if callable(full) else t
+
+
+def _local(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The part of the whole tensor ``full`` that DTensor ``like``'s local shard holds (a view)."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(like.shape, like.device_mesh, like.placements)  # type: ignore[attr-defined]
+    return full[tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))]
 
 
 def lora_delta(layer: LoraLayer, name: str) -> torch.Tensor:
@@ -100,11 +123,13 @@ def sites(model: nn.Module, what: str = "regularize") -> list[Site]:
     for n, p in model.named_parameters():
         if p.requires_grad and id(p) not in covered:
             star = at_least_fp32(p.detach()).clone()
+            path, _, attr = n.rpartition(".")
+            owner = model.get_submodule(path)
 
-            def moved(p: torch.Tensor = p, star: torch.Tensor = star) -> torch.Tensor:
-                return at_least_fp32(p) - star
+            def moved(owner: nn.Module = owner, attr: str = attr, star: torch.Tensor = star) -> torch.Tensor:
+                return at_least_fp32(getattr(owner, attr)) - star  # whole tensors (naive reference)
 
-            out.append(Site(n, p, star, moved))
+            out.append(Site(n, p, star, moved, owner=owner, attr=attr))
     if not out:
         raise ValueError(f"{what}: the model has no trainable parameter to regularise")
     return out
@@ -132,6 +157,49 @@ class _LowRankQuad(torch.autograd.Function):
         return (grad * ga).to(ctx.dtypes[0]), (grad * gb).to(ctx.dtypes[1]), None, None, None
 
 
+class _ParamQuad(torch.autograd.Function):
+    """Σ w ⊙ (θ − θ*)² for a trained parameter (full / partial / head), with the gradient
+    2·w ⊙ (θ − θ*) written by hand: one temporary the size of θ in forward and one in backward
+    (the gradient itself), where autograd through (θ − θ*)², checkpointed, kept four and took 1.4×
+    a plain full fine-tuning step on the default model. fp32 whatever θ's dtype (θ* is fp32).
+
+    Under FSDP2 ``param`` is a sharded DTensor: each rank computes its shard's part (θ* and w are
+    whole tensors, sliced to that shard as views) and returns the sum over its shard, whose gradient
+    is exactly that shard's gradient; the loss value then differs between ranks, its gradient does not.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, param: torch.Tensor, star: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(param, star, weight)
+        d = _ParamQuad._moved(param, star)  # the one temporary, squared and weighted in place
+        d.square_()
+        if weight is not None:
+            d.mul_(_local(weight, param) if hasattr(param, "device_mesh") else weight)
+        return d.sum()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        param, star, weight = ctx.saved_tensors
+        g = _ParamQuad._moved(param, star)
+        if weight is not None:
+            g.mul_(_local(weight, param) if hasattr(param, "device_mesh") else weight)
+        g.mul_(2 * grad)
+        g = g.to(param.dtype)
+        if hasattr(param, "device_mesh"):
+            from torch.distributed.tensor import DTensor
+
+            return (DTensor.from_local(g, param.device_mesh, param.placements, run_check=False,  # type: ignore[attr-defined]
+                                       shape=param.shape, stride=param.stride()), None, None)
+        return g, None, None
+
+    @staticmethod
+    def _moved(param: torch.Tensor, star: torch.Tensor) -> torch.Tensor:
+        """θ − θ* as a new fp32 tensor (this rank's shard of it for a DTensor ``param``)."""
+        if hasattr(param, "device_mesh"):
+            return at_least_fp32(param.detach().to_local()) - _local(star, param)  # type: ignore[attr-defined]
+        return at_least_fp32(param.detach()) - star
+
+
 def _lora_quad(layer: LoraLayer, name: str, weight: torch.Tensor | None) -> torch.Tensor:
     a, b = layer.factors(name)
     out: torch.Tensor = _LowRankQuad.apply(a, b, weight, layer.adapters[name].scale, layer.kind != "linear")
@@ -152,7 +220,12 @@ def quadratic(site_list: list[Site], weights: dict[str, torch.Tensor] | None = N
         for s in site_list:
             w = weights[s.name] if weights is not None else None
             if s.lora is not None:
+                if any(hasattr(t, "device_mesh") for t in s.lora[0].factors(s.lora[1])):
+                    raise ValueError(f"{s.name}: a penalty on a LoRA weight change needs whole factors; under "
+                                     "runtime.strategy fsdp2 they are sharded: use ddp (auto) for adapters")
                 total = total + _lora_quad(*s.lora, w)
+            elif s.star is not None:
+                total = total + _ParamQuad.apply(s.param, s.star, w)
             elif torch.is_grad_enabled():
                 total = total + checkpoint(_weighted_square, s.change, w, use_reentrant=False)
             else:
