@@ -17,8 +17,9 @@ loss increase is written to ``<out>/forgetting.png``; the Markdown table to stdo
 ``<out>/table.md``. ``--mixed-cost`` also times a training step with a mixed two-adapter batch
 (per-row routing) against one adapter.
 
-Full run (a quiet 2-core machine: roughly 30–40 min):
-    python benchmarks/bench_forgetting.py --out runs/bench_forgetting --mixed-cost
+Full run, the README's table (about 90 min on a 2-core AMD EPYC shared with other jobs; a full
+fine-tuning run alone took ~4 min there when the machine was idle; ``--reuse`` keeps finished runs):
+    python benchmarks/bench_forgetting.py --out runs/bench_forgetting --mixed-cost --ewc-full 1e3,1e4 --ewc-lora 1e4
 Reduced run (what the README reports when marked so):
     python benchmarks/bench_forgetting.py --quick --out runs/bench_forgetting_quick
 """
@@ -91,7 +92,7 @@ def run_one(name: str, sets: list[str], out: Path, common: list[str], reuse: boo
     f = s["forgetting"]
     row = {"name": name, "dir": str(run_dir), "target_em": s["after"].get("exact_match"),
            "target_loss": s["after"].get("eval_loss"), "ref_loss_increase": f.get("loss_increase"),
-           "kl_mean": f.get("kl_base_to_adapted_mean"), "kl_mode": f.get("kl_mode", "")[:5],
+           "kl_mean": f.get("kl_base_to_adapted_mean"), "kl_mode": (f.get("kl_mode") or "").split(" ")[0],  # "exact" or "top-256"
            "old_task_increase": f.get("old_task", {}).get("loss_increase"),
            "step_s": s["train_seconds"] / max(1, s["steps"]), "trainable": s["trainable_params"],
            "wall_s": round(time.perf_counter() - t0, 1)}

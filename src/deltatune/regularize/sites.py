@@ -59,8 +59,11 @@ def whole(t: torch.Tensor) -> torch.Tensor:
     return full() if callable(full) else t
 
 
-def _local(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """The part of the whole tensor ``full`` that DTensor ``like``'s local shard holds (a view)."""
+def _shard(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``full``, or for a sharded DTensor ``like`` the part of the whole tensor ``full`` that its
+    local shard holds (a view, no copy)."""
+    if not hasattr(like, "device_mesh"):
+        return full
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     shape, offset = compute_local_shape_and_global_offset(like.shape, like.device_mesh, like.placements)  # type: ignore[attr-defined]
@@ -127,7 +130,8 @@ def sites(model: nn.Module, what: str = "regularize") -> list[Site]:
             owner = model.get_submodule(path)
 
             def moved(owner: nn.Module = owner, attr: str = attr, star: torch.Tensor = star) -> torch.Tensor:
-                return at_least_fp32(getattr(owner, attr)) - star  # whole tensors (naive reference)
+                # differentiable θ − θ* (quadratic() uses _ParamQuad's hand-written gradient instead)
+                return at_least_fp32(getattr(owner, attr)) - star
 
             out.append(Site(n, p, star, moved, owner=owner, attr=attr))
     if not out:
@@ -171,20 +175,13 @@ class _ParamQuad(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, param: torch.Tensor, star: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(param, star, weight)
-        d = _ParamQuad._moved(param, star)  # the one temporary, squared and weighted in place
-        d.square_()
-        if weight is not None:
-            d.mul_(_local(weight, param) if hasattr(param, "device_mesh") else weight)
+        d = _ParamQuad._weighted_moved(param, star, weight, square=True)
         return d.sum()
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         param, star, weight = ctx.saved_tensors
-        g = _ParamQuad._moved(param, star)
-        if weight is not None:
-            g.mul_(_local(weight, param) if hasattr(param, "device_mesh") else weight)
-        g.mul_(2 * grad)
-        g = g.to(param.dtype)
+        g = _ParamQuad._weighted_moved(param, star, weight, square=False).mul_(2 * grad).to(param.dtype)
         if hasattr(param, "device_mesh"):
             from torch.distributed.tensor import DTensor
 
@@ -193,11 +190,16 @@ class _ParamQuad(torch.autograd.Function):
         return g, None, None
 
     @staticmethod
-    def _moved(param: torch.Tensor, star: torch.Tensor) -> torch.Tensor:
-        """θ − θ* as a new fp32 tensor (this rank's shard of it for a DTensor ``param``)."""
-        if hasattr(param, "device_mesh"):
-            return at_least_fp32(param.detach().to_local()) - _local(star, param)  # type: ignore[attr-defined]
-        return at_least_fp32(param.detach()) - star
+    def _weighted_moved(param: torch.Tensor, star: torch.Tensor, weight: torch.Tensor | None, *,
+                        square: bool) -> torch.Tensor:
+        """w ⊙ (θ − θ*) (or w ⊙ (θ − θ*)²) as one new fp32 tensor, worked on in place; this rank's
+        shard of it for a DTensor ``param``."""
+        local = param.detach()
+        local = local.to_local() if hasattr(local, "to_local") else local
+        d = at_least_fp32(local) - _shard(star, param)
+        if square:
+            d.square_()
+        return d if weight is None else d.mul_(_shard(weight, param))
 
 
 def _lora_quad(layer: LoraLayer, name: str, weight: torch.Tensor | None) -> torch.Tensor:
