@@ -106,7 +106,7 @@ def _same_run(run_dir: Path, cmd: list[str]) -> bool:
     """``--reuse``: the directory holds a finished run of exactly this command."""
     done = run_dir / "summary.json"
     rec = run_dir / "bench_command.json"
-    return done.is_file() and (not rec.is_file() or json.loads(rec.read_text()) == cmd[1:])
+    return done.is_file() and rec.is_file() and json.loads(rec.read_text()) == cmd[1:]
 
 
 def wise_rows(full_dir: Path, old_task: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
